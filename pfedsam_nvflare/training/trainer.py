@@ -1,0 +1,287 @@
+"""One site's training: one call of ``LocalTrainer.run_round`` is one federated round.
+
+Round: load the received global partition (strictly) → local phase (experts and routers learn, the global
+partition is frozen) → global phase (the global partition learns, experts are frozen, with teacher-student
+distillation) → return the global partition's difference. The local partition stays in the site directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..model import ModelConfig, Partition, PFedSAM, build_pfedsam
+from ..model.partition import GLOBAL, LOCAL
+from .losses import SegmentationLoss, distillation_loss
+from .methods import get_method
+from .metrics import SegmentationScores
+from .samples import SampleStore
+from .site_state import SiteStateError, load_site_state, save_site_state
+
+logger = logging.getLogger(__name__)
+
+KD_DIRECTIONS = ("local_to_global", "global_to_local", "none")
+
+
+class TrainingAborted(RuntimeError):
+    """``should_abort`` asked the round to stop; nothing of the round was kept."""
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """How a site trains. ``kd_direction``: ``local_to_global`` distils the personalized model (teacher) into
+    the global-only path; ``global_to_local`` distils the received global model into the personalized one."""
+
+    method: str = "pfedsam"
+    kd_direction: str = "local_to_global"
+    kd_weight: float = 1.0
+    kd_temperature: float = 2.0
+    balance_weight: float = 0.01
+    lr_global: float = 1e-3
+    lr_local: float = 1e-3
+    weight_decay: float = 1e-4
+    local_epochs: int = 1
+    global_epochs: int = 1
+    batch_size: int = 4
+    seed: int = 0
+    cache_features: bool = True
+    device: str = "cpu"
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        get_method(self.method)
+        if self.kd_direction not in KD_DIRECTIONS:
+            raise ValueError(f"kd_direction must be one of {KD_DIRECTIONS}, got {self.kd_direction!r}")
+        if self.kd_temperature <= 0:
+            raise ValueError(f"kd_temperature must be positive, got {self.kd_temperature}")
+        if self.batch_size < 1 or self.local_epochs < 0 or self.global_epochs < 0:
+            raise ValueError("batch_size must be at least 1 and the epoch counts at least 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainerConfig:
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown trainer settings: {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+
+@dataclass
+class RoundResult:
+    round: int
+    global_diff: dict[str, torch.Tensor]  # after − received, global-partition keys only
+    num_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class LocalTrainer:
+    """Owns one site's model, optimisers, samples and local state.
+
+    ``train_data`` and ``val_data`` are any datasets whose items are ``(image, mask)`` or
+    ``{"image", "mask"}``: image (1 or 3, S, S) in [0, 1], mask (K, S, S) or (S, S) of 0/1.
+    """
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        config: TrainerConfig,
+        train_data: Any,
+        val_data: Any | None,
+        site_dir: str | Path,
+        *,
+        site_name: str = "site",
+    ) -> None:
+        self.config, self.site_name = config, site_name
+        self.method = get_method(config.method)
+        self.model_config = self.method.model_config(model_config)
+        self.site_dir = Path(site_dir)
+        self.model: PFedSAM = build_pfedsam(self.model_config).to(config.device)
+        self.partition = Partition.of(self.model)
+        self.train_samples = SampleStore(train_data, self.model, cache_prefix=config.cache_features, name="training")
+        self.val_samples = (
+            None if val_data is None else SampleStore(val_data, self.model, cache_prefix=config.cache_features, name="validation")
+        )
+        self.optimizers = {
+            role: torch.optim.AdamW(
+                self.partition.parameters(self.model, role),
+                lr=config.lr_global if role == GLOBAL else config.lr_local,
+                weight_decay=config.weight_decay,
+            )
+            for role in (GLOBAL, LOCAL)
+            if self.partition.keys(role)
+        }
+        self.segmentation_loss = SegmentationLoss()
+        self.rounds_done = 0
+        self.keeps_own_global = False  # true once a non-aggregating site has its own global partition
+        self._resume()
+
+    # --- state ---
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        return self.partition.state(self.model, GLOBAL)
+
+    def local_state(self) -> dict[str, torch.Tensor]:
+        return self.partition.state(self.model, LOCAL)
+
+    def _fingerprint(self) -> dict[str, Any]:
+        return {"model": self.model_config.to_dict(), "method": self.method.name}
+
+    def _save(self) -> None:
+        state: dict[str, Any] = {
+            **self._fingerprint(),
+            "rounds_done": self.rounds_done,
+            "local": self.local_state(),
+            "optimizers": {role: optimizer.state_dict() for role, optimizer in self.optimizers.items()},
+        }
+        if not self.method.aggregate:
+            state["global"] = self.global_state()
+        save_site_state(self.site_dir, state)
+
+    def _resume(self) -> None:
+        state = load_site_state(self.site_dir)
+        if state is None:
+            return
+        path = self.site_dir
+        for key, expected in self._fingerprint().items():
+            if state.get(key) != expected:
+                raise SiteStateError(
+                    f"site state in {path} was written for {key} {state.get(key)!r}, not {expected!r}; use another "
+                    "site directory for another configuration"
+                )
+        try:
+            self.partition.check(state["local"], LOCAL)
+            if "global" in state:
+                self.partition.check(state["global"], GLOBAL)
+            for role, optimizer in self.optimizers.items():
+                saved_groups = state["optimizers"][role]["param_groups"]
+                if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in optimizer.param_groups]:
+                    raise SiteStateError(f"site state in {path}: the {role} optimiser state does not fit this model")
+        except (KeyError, TypeError, ValueError) as error:
+            raise SiteStateError(f"site state in {path} is incomplete or does not fit this model: {error}") from error
+        self.partition.load_local(self.model, state["local"])
+        if "global" in state:
+            self.partition.load_global(self.model, state["global"])
+            self.keeps_own_global = True
+        for role, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][role])
+        self.rounds_done = int(state["rounds_done"])
+        logger.info("%s: resumed after round %d from %s", self.site_name, self.rounds_done, path)
+
+    # --- a round ---
+
+    def run_round(
+        self, global_state: Mapping[str, Any], should_abort: Callable[[], bool] = lambda: False
+    ) -> RoundResult:
+        """Train one round from the received global partition and return its difference."""
+        round_index = self.rounds_done + 1
+        received = {key: torch.as_tensor(value, dtype=torch.float32) for key, value in global_state.items()}
+        self.partition.check(received, GLOBAL)
+        saved = self.global_state(), self.local_state(), copy.deepcopy([o.state_dict() for o in self.optimizers.values()])
+        if not self.keeps_own_global:
+            self.partition.load_global(self.model, received)
+        start = self.global_state()
+        metrics: dict[str, float] = {}
+        began = time.perf_counter()
+        try:
+            if self.model.has_experts and self.config.local_epochs:
+                teacher = self._logits(personalized=False) if self.config.kd_direction == "global_to_local" else None
+                metrics["local_loss"] = self._phase(LOCAL, round_index, teacher, should_abort)
+            if self.config.global_epochs:
+                distil = self.model.has_experts and self.config.kd_direction == "local_to_global"
+                teacher = self._logits(personalized=True) if distil else None
+                metrics["global_loss"] = self._phase(GLOBAL, round_index, teacher, should_abort)
+        except TrainingAborted:
+            self.partition.load_global(self.model, saved[0])
+            self.partition.load_local(self.model, saved[1])
+            for optimizer, state in zip(self.optimizers.values(), saved[2]):
+                optimizer.load_state_dict(state)
+            raise
+        after = self.global_state()
+        self.rounds_done = round_index
+        self.keeps_own_global = not self.method.aggregate
+        self._save()
+        metrics["train_seconds"] = time.perf_counter() - began
+        return RoundResult(
+            round=round_index,
+            global_diff={key: after[key] - start[key] for key in after},
+            num_samples=len(self.train_samples),
+            metrics=metrics,
+        )
+
+    def _phase(
+        self, role: str, round_index: int, teacher: torch.Tensor | None, should_abort: Callable[[], bool]
+    ) -> float:
+        """Train the ``role`` partition alone; the other one receives no gradient and is not in the optimiser."""
+        config = self.config
+        personalized = role == LOCAL
+        epochs = config.local_epochs if personalized else config.global_epochs
+        self.model.requires_grad_(False)
+        for parameter in self.partition.parameters(self.model, role):
+            parameter.requires_grad_(True)
+        optimizer = self.optimizers[role]
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + round_index * 2 + personalized)
+        steps_per_epoch = -(-len(self.train_samples) // config.batch_size)
+        losses = []
+        self.model.train()
+        try:
+            for epoch in range(1, epochs + 1):
+                for step, batch in enumerate(self.train_samples.batches(config.batch_size, generator), start=1):
+                    if should_abort():
+                        raise TrainingAborted(f"{self.site_name}: round {round_index} aborted in the {role} phase")
+                    with nullcontext() if personalized else self.model.global_only():
+                        logits = self.model(**batch.model_inputs())
+                    loss = self.segmentation_loss(logits, batch.masks)
+                    if personalized:
+                        loss = loss + config.balance_weight * self.model.balance_loss()
+                    if teacher is not None:
+                        kd = distillation_loss(logits, teacher[batch.indices].to(logits.device), config.kd_temperature)
+                        loss = loss + config.kd_weight * kd
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    losses.append(loss.item())
+                    if step % config.log_every == 0 or step == steps_per_epoch:
+                        logger.info(
+                            "%s round %d %s phase: epoch %d/%d step %d/%d loss %.4f",
+                            self.site_name, round_index, role, epoch, epochs, step, steps_per_epoch, losses[-1],
+                        )
+        finally:
+            self.model.eval()
+        return sum(losses) / len(losses) if losses else float("nan")
+
+    @torch.no_grad()
+    def _logits(self, personalized: bool, samples: SampleStore | None = None) -> torch.Tensor:
+        """The model's logits for every sample, in dataset order (the frozen teacher of a phase)."""
+        samples = samples or self.train_samples
+        self.model.eval()
+        with nullcontext() if personalized else self.model.global_only():
+            return torch.cat([self.model(**batch.model_inputs()).cpu() for batch in samples.batches(self.config.batch_size)])
+
+    # --- evaluation ---
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Dice and HD95 of the personalized and of the global-only model on the validation set."""
+        if self.val_samples is None:
+            raise ValueError(f"{self.site_name} has no validation set")
+        masks = self.val_samples.masks
+        metrics: dict[str, float] = {}
+        for path in ("personalized", "global") if self.model.has_experts else ("global",):
+            logits = self._logits(personalized=path == "personalized", samples=self.val_samples)
+            scores = SegmentationScores()
+            scores.update(logits > 0, masks)
+            metrics[f"{path}_loss"] = float(self.segmentation_loss(logits, masks))
+            metrics.update({f"{path}_{name}": value for name, value in scores.result().items()})
+        if not self.model.has_experts:  # without experts both paths are one model
+            metrics.update({key.replace("global_", "personalized_"): value for key, value in list(metrics.items())})
+        return metrics

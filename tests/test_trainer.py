@@ -1,0 +1,175 @@
+import pytest
+import torch
+from sites import make_site
+
+from pfedsam_nvflare.model import ModelConfig
+from pfedsam_nvflare.training import LocalTrainer, SiteStateError, TrainerConfig, TrainingAborted
+from pfedsam_nvflare.training.site_state import STATE_FILE
+
+TINY = ModelConfig(backbone="tiny")
+FAST = TrainerConfig(batch_size=4, lr_global=3e-3, lr_local=3e-3)
+
+
+def _states(trainer):
+    return trainer.model.state_dict()
+
+
+def _equal(first, second, keys):
+    return all(torch.equal(first[key], second[key]) for key in keys)
+
+
+def _federate(sites, root, rounds, config=FAST, model_config=TINY):
+    """A minimal in-process federation: weighted FedAvg of the sites' global differences."""
+    trainers = {
+        name: LocalTrainer(model_config, config, data, data, root / name, site_name=name) for name, data in sites.items()
+    }
+    global_state = next(iter(trainers.values())).global_state()
+    history = []
+    for _ in range(rounds):
+        results = {name: trainer.run_round(global_state) for name, trainer in trainers.items()}
+        total = sum(result.num_samples for result in results.values())
+        global_state = {
+            key: value + sum(r.global_diff[key] * r.num_samples for r in results.values()) / total
+            for key, value in global_state.items()
+        }
+        history.append(results)
+    return trainers, global_state, history
+
+
+@pytest.mark.parametrize("kd_direction", ["local_to_global", "global_to_local", "none"])
+def test_each_phase_moves_only_its_own_partition(tmp_path, kd_direction):
+    data = make_site(6, seed=3)
+    trainer = LocalTrainer(TINY, TrainerConfig(kd_direction=kd_direction, global_epochs=0), data, None, tmp_path / "a")
+    partition = trainer.partition
+    before = {k: v.clone() for k, v in _states(trainer).items()}
+    result = trainer.run_round(trainer.global_state())  # local phase only
+    after = _states(trainer)
+    assert _equal(before, after, partition.global_keys) and _equal(before, after, partition.frozen_keys)
+    assert not _equal(before, after, partition.local_keys)
+    assert all(p.grad is None for p in partition.parameters(trainer.model, "global"))
+    assert all(torch.count_nonzero(diff) == 0 for diff in result.global_diff.values())
+
+    trainer = LocalTrainer(TINY, TrainerConfig(kd_direction=kd_direction, local_epochs=0), data, None, tmp_path / "b")
+    before = {k: v.clone() for k, v in _states(trainer).items()}
+    result = trainer.run_round(trainer.global_state())  # global phase only
+    after = _states(trainer)
+    assert _equal(before, after, partition.local_keys) and _equal(before, after, partition.frozen_keys)
+    assert not _equal(before, after, partition.global_keys)
+    assert all(p.grad is None for p in partition.parameters(trainer.model, "local"))
+    assert set(result.global_diff) == set(partition.global_keys)
+
+
+def test_three_rounds_on_two_sites_lower_the_loss_and_repeat_exactly(tmp_path, two_sites):
+    trainers, global_state, history = _federate(two_sites, tmp_path / "run1", rounds=3)
+    for name, trainer in trainers.items():
+        assert history[-1][name].metrics["global_loss"] < history[0][name].metrics["global_loss"]
+        assert history[-1][name].metrics["local_loss"] < history[0][name].metrics["local_loss"]
+    fresh = LocalTrainer(TINY, FAST, two_sites["site-1"], two_sites["site-1"], tmp_path / "fresh")
+    untrained = fresh.validate()
+    trained = trainers["site-1"].validate()
+    assert trained["personalized_loss"] < untrained["personalized_loss"]
+    assert trained["global_loss"] < untrained["global_loss"]
+
+    again, global_again, _ = _federate(two_sites, tmp_path / "run2", rounds=3)
+    assert _equal(global_state, global_again, global_state)
+    for name in trainers:
+        assert _equal(_states(trainers[name]), _states(again[name]), _states(trainers[name]))
+
+
+def test_sites_keep_their_own_experts(tmp_path, two_sites):
+    trainers, _, _ = _federate(two_sites, tmp_path, rounds=1)
+    first, second = (trainer.local_state() for trainer in trainers.values())
+    assert not _equal(first, second, first)
+
+
+def test_a_rebuilt_trainer_resumes_from_the_site_directory(tmp_path):
+    data = make_site(6, seed=4)
+    trainer = LocalTrainer(TINY, FAST, data, None, tmp_path)
+    global_state = trainer.global_state()
+    trainer.run_round(global_state)
+    resumed = LocalTrainer(TINY, FAST, data, None, tmp_path)
+    assert resumed.rounds_done == 1
+    assert _equal(trainer.local_state(), resumed.local_state(), trainer.local_state())
+    # both continue identically: the optimiser state came back too
+    first, second = trainer.run_round(global_state), resumed.run_round(global_state)
+    assert first.round == second.round == 2
+    assert _equal(first.global_diff, second.global_diff, first.global_diff)
+    assert _equal(trainer.local_state(), resumed.local_state(), trainer.local_state())
+
+
+def test_a_state_file_cut_short_is_a_clear_error(tmp_path):
+    data = make_site(4, seed=5)
+    LocalTrainer(TINY, FAST, data, None, tmp_path).run_round(LocalTrainer(TINY, FAST, data, None, tmp_path / "x").global_state())
+    path = tmp_path / STATE_FILE
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(SiteStateError, match=f"{STATE_FILE} cannot be read .*cut short or corrupted"):
+        LocalTrainer(TINY, FAST, data, None, tmp_path)
+    assert not (tmp_path / (STATE_FILE + ".tmp")).exists()
+
+
+def test_a_state_file_of_another_configuration_is_refused(tmp_path):
+    data = make_site(4, seed=5)
+    trainer = LocalTrainer(TINY, FAST, data, None, tmp_path)
+    trainer.run_round(trainer.global_state())
+    with pytest.raises(SiteStateError, match="was written for model"):
+        LocalTrainer(ModelConfig(backbone="tiny", num_experts=2), FAST, data, None, tmp_path)
+
+
+def test_received_global_state_is_checked_strictly(tmp_path):
+    data = make_site(4, seed=6)
+    trainer = LocalTrainer(TINY, FAST, data, None, tmp_path)
+    state = trainer.global_state()
+    state[trainer.partition.local_keys[0]] = trainer.local_state()[trainer.partition.local_keys[0]]
+    with pytest.raises(ValueError, match="a local-partition key"):
+        trainer.run_round(state)
+    assert trainer.rounds_done == 0
+
+
+def test_abort_between_batches_keeps_nothing_of_the_round(tmp_path):
+    data = make_site(8, seed=7)
+    trainer = LocalTrainer(TINY, TrainerConfig(batch_size=2), data, None, tmp_path)
+    before = {k: v.clone() for k, v in _states(trainer).items()}
+    calls = []
+
+    def abort_on_third_batch():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(TrainingAborted):
+        trainer.run_round(trainer.global_state(), should_abort=abort_on_third_batch)
+    assert len(calls) == 3
+    assert _equal(before, _states(trainer), before)
+    assert trainer.rounds_done == 0 and not (tmp_path / STATE_FILE).exists()
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedsam", "local"])
+def test_the_baselines_train(tmp_path, method):
+    data = make_site(4, seed=8)
+    trainer = LocalTrainer(TINY, TrainerConfig(method=method), data, data, tmp_path)
+    received = trainer.global_state()
+    result = trainer.run_round(received)
+    assert ("local_loss" in result.metrics) == (method == "local")
+    assert torch.isfinite(torch.tensor(result.metrics["global_loss"]))
+    if method == "fedsam":  # every SAM weight is shared
+        assert len(result.global_diff) == len(list(trainer.model.sam.parameters()))
+    if method == "local":  # the site ignores the server after its first round
+        ignored = {key: torch.zeros_like(value) for key, value in received.items()}
+        before = trainer.global_state()
+        trainer.run_round(ignored)
+        assert not _equal(before, trainer.global_state(), before)
+        assert all(torch.count_nonzero(value) > 0 for value in trainer.global_state().values() if value.numel() > 1)
+    metrics = trainer.validate()
+    assert {"personalized_dice", "personalized_hd95", "global_dice", "global_hd95"} <= set(metrics)
+
+
+def test_bad_samples_are_named(tmp_path):
+    data = make_site(3, seed=9)
+    data[1] = (data[1][0], data[1][1] * 2)
+    with pytest.raises(ValueError, match="training sample 1: mask values must be 0 or 1"):
+        LocalTrainer(TINY, FAST, data, None, tmp_path)
+    with pytest.raises(ValueError, match="validation sample 0: image of shape \\(1, 32, 32\\)"):
+        LocalTrainer(TINY, FAST, data[:1], [(torch.rand(1, 32, 32), torch.zeros(1, 32, 32))], tmp_path)
+    with pytest.raises(ValueError, match="training sample 0: image values must be finite and within"):
+        LocalTrainer(TINY, FAST, [(data[0][0] + 2, data[0][1])], None, tmp_path)
+    with pytest.raises(ValueError, match="the training set is empty"):
+        LocalTrainer(TINY, FAST, [], None, tmp_path)
