@@ -93,8 +93,10 @@ class SampleStore:
                 raise ValueError(f"{self.name} sample {index}: image values must be finite and within [0, 1]")
             if not ((mask == 0) | (mask == 1)).all():
                 raise ValueError(f"{self.name} sample {index}: mask values must be 0 or 1")
-            images.append(image.float().expand(3, -1, -1))
+            images.append(image.float())
             masks.append(mask.float())
+        if len({image.shape[0] for image in images}) > 1:  # grey and colour mixed: store all as colour
+            images = [image.expand(3, -1, -1) for image in images]
         return torch.stack(images), torch.stack(masks)
 
     @torch.no_grad()
