@@ -36,6 +36,29 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_jobs(args: argparse.Namespace) -> int:
+    from .flare.jobs import export_jobs
+
+    for path in export_jobs(args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def _allow_list(args: argparse.Namespace) -> int:
+    from .flare.site_policy import allow_pfedsam_in
+
+    print(f"allowed pfedsam_nvflare components in {allow_pfedsam_in(args.local_dir)}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .flare.demo import run_demo
+
+    _, text = run_demo(args.workspace, method=args.method, num_rounds=args.rounds)
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pfedsam", description="Personalized federated SAM on NVIDIA FLARE")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("source")
     convert.add_argument("out")
     convert.set_defaults(run=_convert)
+
+    demo = commands.add_parser("demo", help="run the job on LiteMedSAM over generated sites in FLARE's simulator")
+    demo.add_argument("--workspace", default="pfedsam_demo", help="simulator workspace root (default ./pfedsam_demo)")
+    demo.add_argument("--method", default="pfedsam", choices=["pfedsam", "pfedsam_nokd", "fedavg", "local", "fedsam"])
+    demo.add_argument("--rounds", type=int, default=3)
+    demo.set_defaults(run=_demo)
+
+    export = commands.add_parser("export-jobs", help="write the job folders (the repository's jobs/)")
+    export.add_argument("--out", default="jobs")
+    export.set_defaults(run=_export_jobs)
+
+    allow = commands.add_parser("allow-list", help="let a site's FLARE build pfedsam_nvflare components")
+    allow.add_argument("local_dir", help="the site's local/ folder (for the simulator: WORKSPACE/local)")
+    allow.set_defaults(run=_allow_list)
     return parser
 
 

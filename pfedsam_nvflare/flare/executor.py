@@ -1,0 +1,213 @@
+"""The site side of a pFedSAM job: FLARE tasks in, ``LocalTrainer`` rounds out."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.event_type import EventType
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+from nvflare.app_common.app_constant import AppConstants
+
+from ..data.config import DataConfig, resolve_root
+from ..data.sites import SiteData, load_site
+from ..model import ModelConfig, PartitionError
+from ..model.backbones import INPUT_SIZES
+from ..model.partition import GLOBAL
+from ..reports import plot_overlays
+from ..training import LocalTrainer, TrainerConfig, TrainingAborted
+from ..training.samples import boxes_from_masks
+from .settings import METRICS_META_KEY
+
+SITE_FOLDER = "pfedsam"  # in the site's run directory: site_state.pt, split.json, overlays.png
+
+
+def finite_or_none(metrics: dict[str, float]) -> dict[str, float | None]:
+    """Metrics fit for JSON: NaN (nothing to measure, e.g. no foreground) becomes None."""
+    return {key: (None if isinstance(v, float) and not math.isfinite(v) else v) for key, v in metrics.items()}
+
+
+def _nbytes(arrays: dict[str, Any]) -> int:
+    return int(sum(np.asarray(value).nbytes for value in arrays.values()))
+
+
+class PFedSAMExecutor(Executor):
+    """Trains, validates and submits one site's model.
+
+    Args:
+        model: ``ModelConfig`` settings (a dict).
+        trainer: ``TrainerConfig`` settings (a dict), the method among them.
+        data: ``DataConfig`` settings (a dict); without a ``root`` the default synthetic sites are used.
+        num_overlays: validation images drawn with predicted and true masks at the end of the run.
+    """
+
+    def __init__(
+        self,
+        model: dict[str, Any] | None = None,
+        trainer: dict[str, Any] | None = None,
+        data: dict[str, Any] | None = None,
+        train_task_name: str = AppConstants.TASK_TRAIN,
+        validate_task_name: str = AppConstants.TASK_VALIDATION,
+        submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL,
+        analytic_sender_id: str = "analytic_sender",
+        num_overlays: int = 4,
+    ):
+        super().__init__()
+        self.model, self.trainer, self.data = model, trainer, data
+        self.train_task_name = train_task_name
+        self.validate_task_name = validate_task_name
+        self.submit_model_task_name = submit_model_task_name
+        self.analytic_sender_id = analytic_sender_id
+        self.num_overlays = num_overlays
+        self._trainer: LocalTrainer | None = None
+        self._site_data: SiteData | None = None
+        self._site_dir: Path | None = None
+        self._analytics = None
+
+    # --- run lifecycle ---
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        if event_type == EventType.START_RUN:
+            self._start(fl_ctx)
+        elif event_type == EventType.END_RUN and self._trainer is not None:
+            self._draw_overlays(fl_ctx)
+
+    def _start(self, fl_ctx: FLContext) -> None:
+        site = fl_ctx.get_identity_name()
+        try:
+            model_config = ModelConfig.from_dict(self.model or {})
+            trainer_config = TrainerConfig.from_dict(self.trainer or {})
+            data_config = DataConfig.from_dict(self.data or {})
+            run_dir = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id()))
+            self._site_dir = run_dir / SITE_FOLDER
+            root = resolve_root(data_config)
+            self.log_info(fl_ctx, f"{site}: reading data from {root}")
+            self._site_data = load_site(
+                root,
+                site,
+                data_config.slice_options(INPUT_SIZES[model_config.backbone]),
+                val_fraction=data_config.val_fraction,
+                seed=data_config.seed,
+                split_file=self._site_dir / "split.json",
+            )
+            self._trainer = LocalTrainer(
+                model_config, trainer_config, self._site_data.train, self._site_data.val, self._site_dir, site_name=site
+            )
+        except Exception as error:  # any failure here leaves the site unable to work: end the run, say why
+            self.system_panic(f"{site} cannot start pFedSAM: {type(error).__name__}: {error}", fl_ctx)
+            return
+        self._analytics = fl_ctx.get_engine().get_component(self.analytic_sender_id)
+        partition = self._trainer.partition
+        self.log_info(
+            fl_ctx,
+            f"{site}: method {trainer_config.method}, {len(self._site_data.train)} training and "
+            f"{len(self._site_data.val)} validation slices; global partition {partition.num_values(GLOBAL):,} values, "
+            f"local partition {partition.num_values('local'):,} values (never sent); state in {self._site_dir}",
+        )
+
+    def _draw_overlays(self, fl_ctx: FLContext) -> None:
+        assert self._site_data is not None and self._trainer is not None and self._site_dir is not None
+        samples = self._site_data.val.samples[: self.num_overlays]
+        if not samples:
+            return
+        images = torch.stack([s.image for s in samples])
+        masks = torch.stack([s.mask for s in samples])
+        boxes = boxes_from_masks(masks) if self._trainer.model.config.prompt == "box" else None
+        predictions = self._trainer.predict(images, boxes)
+        path = plot_overlays(
+            images, masks, predictions, self._site_dir / "overlays.png",
+            title=f"{fl_ctx.get_identity_name()}: personalized model on validation images",
+            captions=[f"{s.case} slice {s.slice}" for s in samples],
+        )
+        self.log_info(fl_ctx, f"validation overlays written to {path}")
+
+    # --- tasks ---
+
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        if self._trainer is None:
+            self.log_error(fl_ctx, "the site could not start; see the error logged at the start of the run")
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        if task_name == self.train_task_name:
+            return self._train(shareable, fl_ctx, abort_signal)
+        if task_name == self.validate_task_name:
+            return self._validate(shareable, fl_ctx)
+        if task_name == self.submit_model_task_name:
+            return self._global_dxo(self._trainer.global_state(), DataKind.WEIGHTS, {}, fl_ctx).to_shareable()
+        self.log_error(fl_ctx, f"unknown task {task_name!r}")
+        return make_reply(ReturnCode.TASK_UNKNOWN)
+
+    def _received_global(self, shareable: Shareable, fl_ctx: FLContext) -> dict[str, np.ndarray] | None:
+        """The global partition in a task, checked strictly; None (and a logged reason) if it does not fit."""
+        try:
+            dxo = from_shareable(shareable)
+            if dxo.data_kind != DataKind.WEIGHTS:
+                raise ValueError(f"task data is {dxo.data_kind}, expected {DataKind.WEIGHTS}")
+            self._trainer.partition.check(dxo.data, GLOBAL)
+        except (ValueError, PartitionError) as error:
+            self.log_error(fl_ctx, f"refused the task's model: {error}")
+            return None
+        return dxo.data
+
+    def _global_dxo(self, state: dict[str, torch.Tensor], kind: str, meta: dict[str, Any], fl_ctx: FLContext) -> DXO:
+        """A DXO of global-partition keys only: anything else is dropped here, before any filter runs."""
+        allowed = set(self._trainer.partition.global_keys)
+        dropped = sorted(set(state) - allowed)
+        if dropped:
+            self.log_error(fl_ctx, f"kept {len(dropped)} non-global keys from leaving the site: {', '.join(dropped)}")
+        data = {key: value.detach().cpu().numpy() for key, value in state.items() if key in allowed}
+        return DXO(kind, data, meta=meta)
+
+    def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        received = self._received_global(shareable, fl_ctx)
+        if received is None:
+            return make_reply(ReturnCode.BAD_TASK_DATA)
+        current_round = shareable.get_header(AppConstants.CURRENT_ROUND, 0)
+        num_rounds = shareable.get_header(AppConstants.NUM_ROUNDS, "?")
+        site = fl_ctx.get_identity_name()
+        self.log_info(fl_ctx, f"{site}: round {current_round + 1}/{num_rounds} starts")
+        before = self._trainer.validate(received, paths=("global",))
+        try:
+            result = self._trainer.run_round(received, should_abort=lambda: abort_signal.triggered)
+        except TrainingAborted as aborted:
+            self.log_info(fl_ctx, str(aborted))
+            return make_reply(ReturnCode.TASK_ABORTED)
+        after = self._trainer.validate(paths=("personalized",))
+        metrics = {"round": current_round, "train_samples": result.num_samples, **result.metrics, **before, **after}
+        metrics["bytes_received"] = _nbytes(received)
+        meta: dict[str, Any] = {MetaKey.NUM_STEPS_CURRENT_ROUND: result.num_samples}
+        if math.isfinite(before["global_dice"]):
+            meta[MetaKey.INITIAL_METRICS] = {"global_dice": before["global_dice"]}
+        dxo = self._global_dxo(result.global_diff, DataKind.WEIGHT_DIFF, meta, fl_ctx)
+        metrics["bytes_sent"] = _nbytes(dxo.data)
+        dxo.set_meta_prop(METRICS_META_KEY, finite_or_none(metrics))
+        self._stream(metrics, current_round)
+        self.log_info(
+            fl_ctx,
+            f"{site}: round {current_round + 1} done: personalized Dice {after['personalized_dice']:.3f}, received "
+            f"global Dice {before['global_dice']:.3f}, sending {metrics['bytes_sent']:,} bytes",
+        )
+        return dxo.to_shareable()
+
+    def _validate(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        received = self._received_global(shareable, fl_ctx)
+        if received is None:
+            return make_reply(ReturnCode.BAD_TASK_DATA)
+        metrics = self._trainer.validate(received)
+        self.log_info(fl_ctx, f"validation: {', '.join(f'{k} {v:.4g}' for k, v in metrics.items())}")
+        return DXO(DataKind.METRICS, finite_or_none(metrics)).to_shareable()
+
+    def _stream(self, metrics: dict[str, float], current_round: int) -> None:
+        """Training curves to the server's TensorBoard through FLARE's analytics streaming."""
+        if self._analytics is None:
+            return
+        for key, value in metrics.items():
+            if key != "round" and isinstance(value, (int, float)) and math.isfinite(value):
+                self._analytics.add_scalar(key, float(value), global_step=current_round)

@@ -1,0 +1,115 @@
+"""``PFedSAMRecipe``: a pFedSAM job in the style of NVFlare's recipes, runnable with ``recipe.execute(SimEnv(...))``,
+``PocEnv`` or ``ProdEnv``, or exported as a job folder with ``recipe.export(dir)``."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.shareablegenerators.full_model_shareable_generator import FullModelShareableGenerator
+from nvflare.app_common.widgets.convert_to_fed_event import ConvertToFedEvent
+from nvflare.app_common.widgets.intime_model_selector import IntimeModelSelector
+from nvflare.app_common.workflows.global_model_eval import GlobalModelEval
+from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
+from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
+from nvflare.app_opt.tracking.tb.tb_writer import TBWriter
+from nvflare.job_config.api import FedJob
+from nvflare.recipe.spec import Recipe
+
+from ..data.config import DataConfig
+from ..model import ModelConfig
+from ..training import TrainerConfig
+from .aggregator import GlobalPartitionAggregator
+from .executor import PFedSAMExecutor
+from .filters import GlobalPartitionFilter
+from .metrics_writer import RoundMetricsWriter
+from .persistor import GlobalPartitionLocator, GlobalPartitionPersistor
+
+# The methods a job can run: the trainer's method and, where the preset fixes it, the distillation direction.
+RECIPE_METHODS = {
+    "pfedsam": ("pfedsam", None),
+    "pfedsam_nokd": ("pfedsam", "none"),
+    "fedavg": ("fedavg", None),
+    "local": ("local", None),
+    "fedsam": ("fedsam", None),
+}
+ANALYTICS_EVENT = "analytix_log_stats"
+
+
+class PFedSAMRecipe(Recipe):
+    """Personalized federated SAM fine-tuning: ``ScatterAndGather`` rounds of the global partition, the L-MoE
+    kept at each site, then ``GlobalModelEval`` of the final and best global partitions at every site.
+
+    Args:
+        name: job name (defaults to the method).
+        min_clients: sites needed to start a round.
+        num_rounds: federated rounds.
+        method: ``pfedsam``, ``pfedsam_nokd`` (no distillation), ``fedavg`` (LoRA without experts), ``local``
+            (each site alone) or ``fedsam`` (full fine-tuning).
+        model: the ``ModelConfig`` (backbone, adapters, decoder mode, ...).
+        trainer: the ``TrainerConfig`` (learning rates, epochs, distillation, ...); its ``method`` is set from
+            ``method``.
+        data: the ``DataConfig``; without a ``root`` every site uses the default synthetic sites.
+        key_metric: metric of the received global model (reported by the sites) that selects the best one.
+        train_timeout: seconds a site may take for one round (0: no limit).
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str | None = None,
+        min_clients: int = 3,
+        num_rounds: int = 3,
+        method: str = "pfedsam",
+        model: ModelConfig | None = None,
+        trainer: TrainerConfig | None = None,
+        data: DataConfig | None = None,
+        key_metric: str = "global_dice",
+        train_timeout: int = 0,
+    ):
+        if method not in RECIPE_METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(RECIPE_METHODS)}")
+        trainer_method, kd_direction = RECIPE_METHODS[method]
+        trainer = replace(trainer or TrainerConfig(), method=trainer_method)
+        if kd_direction is not None:
+            trainer = replace(trainer, kd_direction=kd_direction)
+        model_settings = (model or ModelConfig()).to_dict()
+        self.method, self.model, self.trainer, self.data = method, model, trainer, data or DataConfig()
+
+        job = FedJob(name=name or method, min_clients=min_clients)
+        job.set_app_packages(["pfedsam_nvflare"])  # an installed package: sites import it, the job carries no code
+        job.to_server(GlobalPartitionPersistor(model=model_settings, method=trainer_method), id="persistor")
+        job.to_server(FullModelShareableGenerator(), id="shareable_generator")
+        job.to_server(GlobalPartitionAggregator(model=model_settings, method=trainer_method), id="aggregator")
+        job.to_server(IntimeModelSelector(key_metric=key_metric), id="model_selector")
+        job.to_server(GlobalPartitionLocator(persistor_id="persistor"), id="model_locator")
+        job.to_server(RoundMetricsWriter(method=method), id="metrics_writer")
+        job.to_server(TBAnalyticsReceiver(events=[f"fed.{ANALYTICS_EVENT}"]), id="tb_receiver")
+        job.to_server(
+            ScatterAndGather(
+                min_clients=min_clients,
+                num_rounds=num_rounds,
+                wait_time_after_min_received=0,
+                aggregator_id="aggregator",
+                persistor_id="persistor",
+                shareable_generator_id="shareable_generator",
+                train_task_name=AppConstants.TASK_TRAIN,
+                train_timeout=train_timeout,
+            ),
+            id="scatter_and_gather",
+        )
+        job.to_server(GlobalModelEval(model_locator_id="model_locator"), id="global_model_eval")
+
+        executor = PFedSAMExecutor(model=model_settings, trainer=trainer.to_dict(), data=self.data.to_dict())
+        job.to_clients(
+            executor,
+            id="executor",
+            tasks=[AppConstants.TASK_TRAIN, AppConstants.TASK_VALIDATION, AppConstants.TASK_SUBMIT_MODEL],
+        )
+        job.to_clients(TBWriter(event_type=ANALYTICS_EVENT), id="analytic_sender")
+        job.to_clients(ConvertToFedEvent(events_to_convert=[ANALYTICS_EVENT], fed_event_prefix="fed."), id="event_to_fed")
+        super().__init__(job)
+        self.add_client_output_filter(
+            GlobalPartitionFilter(model=model_settings, method=trainer_method),
+            tasks=[AppConstants.TASK_TRAIN, AppConstants.TASK_SUBMIT_MODEL],
+        )

@@ -1,0 +1,148 @@
+"""Unit tests of the FLARE components in NVFlare's own style: real DXOs, Shareables and FLContexts."""
+
+import numpy as np
+import pytest
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.fl_constant import ReservedKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.app_constant import AppConstants
+
+from pfedsam_nvflare.flare.aggregator import GlobalPartitionAggregator
+from pfedsam_nvflare.flare.filters import GlobalPartitionFilter
+from pfedsam_nvflare.flare.settings import model_config_for, reference
+
+MODEL = {"backbone": "tiny"}
+
+
+@pytest.fixture(scope="module")
+def partition():
+    return reference(model_config_for(MODEL, "pfedsam")).partition
+
+
+def _context(current_round=1):
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(AppConstants.CURRENT_ROUND, current_round, private=True, sticky=False)
+    return fl_ctx
+
+
+def _diff(partition, fill):
+    return {key: np.full(partition.shapes[key], fill, dtype=np.float32) for key in partition.global_keys}
+
+
+def _contribution(data, site="site-1", weight=10, kind=DataKind.WEIGHT_DIFF, contribution_round=1):
+    shareable = DXO(kind, data, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: weight}).to_shareable()
+    shareable.set_peer_props({ReservedKey.IDENTITY_NAME: site})
+    shareable.add_cookie(AppConstants.CONTRIBUTION_ROUND, contribution_round)
+    return shareable
+
+
+def test_weighted_average_matches_a_hand_computed_value(partition):
+    aggregator = GlobalPartitionAggregator(model=MODEL)
+    fl_ctx = _context()
+    assert aggregator.accept(_contribution(_diff(partition, 1.0), "site-1", weight=10), fl_ctx)
+    assert aggregator.accept(_contribution(_diff(partition, 4.0), "site-2", weight=30), fl_ctx)
+    result = from_shareable(aggregator.aggregate(fl_ctx))
+    assert result.data_kind == DataKind.WEIGHT_DIFF
+    assert sorted(result.data) == sorted(partition.global_keys)
+    for value in result.data.values():
+        assert value.dtype == np.float32
+        np.testing.assert_allclose(value, (10 * 1.0 + 30 * 4.0) / 40)  # 3.25
+    assert result.get_meta_prop("contributors") == ["site-1", "site-2"]
+
+
+def test_after_aggregation_a_new_round_starts_empty(partition):
+    aggregator = GlobalPartitionAggregator(model=MODEL)
+    aggregator.accept(_contribution(_diff(partition, 2.0)), _context())
+    aggregator.aggregate(_context())
+    assert aggregator.accept(_contribution(_diff(partition, 1.0), contribution_round=2), _context(2))
+    result = from_shareable(aggregator.aggregate(_context(2)))
+    np.testing.assert_allclose(next(iter(result.data.values())), 1.0)
+
+
+def _foreign(partition):
+    data = _diff(partition, 1.0)
+    data[partition.local_keys[0]] = np.zeros(partition.shapes[partition.local_keys[0]], np.float32)
+    return data
+
+
+def _missing(partition):
+    data = _diff(partition, 1.0)
+    del data[partition.global_keys[0]]
+    return data
+
+
+def _misshaped(partition):
+    data = _diff(partition, 1.0)
+    data[partition.global_keys[0]] = np.zeros((2, 2), np.float32)
+    return data
+
+
+def _non_finite(partition):
+    data = _diff(partition, 1.0)
+    data[partition.global_keys[1]] = data[partition.global_keys[1]] * np.nan
+    return data
+
+
+REJECTIONS = {
+    "foreign key": (lambda p: _contribution(_foreign(p)), "a local-partition key"),
+    "missing key": (lambda p: _contribution(_missing(p)), "is missing key"),
+    "wrong shape": (lambda p: _contribution(_misshaped(p)), "has shape (2, 2)"),
+    "non-finite": (lambda p: _contribution(_non_finite(p)), "non-finite values"),
+    "wrong data kind": (lambda p: _contribution(_diff(p, 1.0), kind=DataKind.WEIGHTS), "data kind is DataKind.WEIGHTS, expected DataKind.WEIGHT_DIFF"),
+    "stale round": (lambda p: _contribution(_diff(p, 1.0), contribution_round=0), "it is for round 0, the current round is 1"),
+    "no weight": (lambda p: _contribution(_diff(p, 1.0), weight=0), "is not a positive number"),
+    "integer arrays": (lambda p: _contribution({k: v.astype(np.int64) for k, v in _diff(p, 1.0).items()}), "not a floating-point array"),
+}
+
+
+@pytest.mark.parametrize("reason", list(REJECTIONS))
+def test_a_bad_contribution_is_rejected_with_its_reason_and_the_round_goes_on(partition, reason, caplog):
+    make, expected = REJECTIONS[reason]
+    aggregator = GlobalPartitionAggregator(model=MODEL)
+    fl_ctx = _context()
+    assert aggregator.accept(_contribution(_diff(partition, 2.0), "site-1"), fl_ctx)
+    with caplog.at_level("ERROR"):
+        bad = make(partition)
+        bad.set_peer_props({ReservedKey.IDENTITY_NAME: "site-2"})
+        assert not aggregator.accept(bad, fl_ctx)
+    assert any("rejected the contribution of site-2" in r.message and expected in r.message for r in caplog.records)
+    result = from_shareable(aggregator.aggregate(fl_ctx))
+    np.testing.assert_allclose(result.data[partition.global_keys[0]], 2.0)  # only site-1 counted
+    assert result.get_meta_prop("contributors") == ["site-1"]
+
+
+def test_a_second_contribution_of_a_site_in_a_round_is_rejected(partition, caplog):
+    aggregator = GlobalPartitionAggregator(model=MODEL)
+    fl_ctx = _context()
+    assert aggregator.accept(_contribution(_diff(partition, 1.0)), fl_ctx)
+    with caplog.at_level("ERROR"):
+        assert not aggregator.accept(_contribution(_diff(partition, 9.0)), fl_ctx)
+    assert any("already contributed" in r.message for r in caplog.records)
+
+
+def test_a_round_without_accepted_contributions_leaves_the_model_as_it_is(partition):
+    aggregator = GlobalPartitionAggregator(model=MODEL)
+    result = from_shareable(aggregator.aggregate(_context()))
+    assert result.data_kind == DataKind.WEIGHT_DIFF and result.data == {}
+
+
+def test_the_filter_drops_non_global_keys_and_logs_only_their_names(partition, caplog):
+    data = _diff(partition, 1.0)
+    secret_key = partition.local_keys[0]
+    data[secret_key] = np.full(partition.shapes[secret_key], 123.456, np.float32)
+    data["sam.image_encoder.blocks.0.attn.qkv.base.weight"] = np.zeros((3,), np.float32)
+    shareable = _contribution(data)
+    with caplog.at_level("WARNING"):
+        filtered = GlobalPartitionFilter(model=MODEL).process(shareable, _context())
+    result = from_shareable(filtered)
+    assert sorted(result.data) == sorted(partition.global_keys)
+    assert result.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND) == 10
+    logged = " ".join(r.message for r in caplog.records)
+    assert "dropped 2 keys" in logged and secret_key in logged and "123.45" not in logged
+
+
+def test_the_filter_leaves_a_clean_update_untouched(partition):
+    data = _diff(partition, 1.0)
+    filtered = from_shareable(GlobalPartitionFilter(model=MODEL).process(_contribution(data), _context()))
+    assert sorted(filtered.data) == sorted(partition.global_keys)
+    assert "GlobalPartitionFilter" not in (filtered.get_filter_history() or [])

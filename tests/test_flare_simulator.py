@@ -1,0 +1,144 @@
+"""End to end through the real ``nvflare simulator``: 3 sites, 2 rounds, the tiny backbone."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from flare_probe import RECORD_FILE
+from PIL import Image
+
+from pfedsam_nvflare.data.config import DataConfig, SyntheticConfig
+from pfedsam_nvflare.flare import PFedSAMRecipe
+from pfedsam_nvflare.flare.settings import model_config_for, reference
+from pfedsam_nvflare.flare.site_policy import PACKAGE_PREFIX, allow_pfedsam, allow_pfedsam_in
+from pfedsam_nvflare.model import ModelConfig
+from pfedsam_nvflare.training import TrainerConfig
+
+TESTS = Path(__file__).parent
+SITES = ["site-1", "site-2", "site-3"]
+MODEL = ModelConfig(backbone="tiny")
+
+
+def _export(root: Path) -> Path:
+    recipe = PFedSAMRecipe(
+        name="pfedsam",
+        num_rounds=2,
+        model=MODEL,
+        trainer=TrainerConfig(batch_size=4),
+        data=DataConfig(synthetic=SyntheticConfig(cases=4, size=48, depth=3)),
+    )
+    recipe.export(str(root / "jobs"))
+    job = root / "jobs" / "pfedsam"
+    server_config = job / "app" / "config" / "config_fed_server.json"
+    config = json.loads(server_config.read_text())
+    config["components"].append({"id": "contribution_probe", "path": "flare_probe.ContributionProbe", "args": {}})
+    server_config.write_text(json.dumps(config, indent=2))
+    return job
+
+
+def _simulate(job: Path, workspace: Path, data_home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PFEDSAM_DATA_HOME": str(data_home), "PYTHONPATH": str(TESTS)}
+    command = ["nvflare", "simulator", str(job), "-w", str(workspace), "-n", "3", "-t", "3"]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("simulation")
+    job = _export(root)
+    workspace = root / "workspace"
+    resources = allow_pfedsam_in(workspace / "local")
+    policy = json.loads(resources.read_text())
+    policy["class_allow_list"].append("flare_probe.")  # the test's own probe, nothing wider
+    resources.write_text(json.dumps(policy))
+    completed = _simulate(job, workspace, root / "data")
+    return workspace, completed
+
+
+def test_the_job_completes(run):
+    workspace, completed = run
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output[-5000:]
+    assert "cannot start pFedSAM" not in output and "rejected the contribution" not in output
+    assert "Traceback" not in output, output[output.find("Traceback") :][:3000]
+
+
+def test_the_server_keeps_exactly_the_global_partition(run):
+    workspace, _ = run
+    partition = reference(model_config_for(MODEL.to_dict(), "pfedsam")).partition
+    app = workspace / "server" / "simulate_job" / "app_server"
+    for name in ("FL_global_model.pt", "best_FL_global_model.pt"):
+        saved = torch.load(app / name, weights_only=True)
+        assert sorted(saved["global"]) == sorted(partition.global_keys), name
+        assert saved["method"] == "pfedsam"
+
+
+def test_each_site_keeps_its_local_partition(run):
+    workspace, _ = run
+    partition = reference(model_config_for(MODEL.to_dict(), "pfedsam")).partition
+    local_states = []
+    for site in SITES:
+        folder = workspace / site / "simulate_job" / "pfedsam"
+        state = torch.load(folder / "site_state.pt", weights_only=True)
+        assert state["rounds_done"] == 2
+        assert sorted(state["local"]) == sorted(partition.local_keys)
+        local_states.append(state["local"])
+        split = json.loads((folder / "split.json").read_text())
+        assert split["site"] == site and not set(split["train_cases"]) & set(split["val_cases"])
+        with Image.open(folder / "overlays.png") as image:
+            assert image.size[0] > 100
+    key = partition.local_keys[0]
+    assert not torch.equal(local_states[0][key], local_states[1][key])  # personal, not shared
+
+
+def test_the_metrics_file_has_every_site_for_every_round(run):
+    workspace, _ = run
+    server = workspace / "server" / "simulate_job"
+    metrics = json.loads((server / "pfedsam_metrics.json").read_text())
+    assert [entry["round"] for entry in metrics["rounds"]] == [0, 1]
+    for entry in metrics["rounds"]:
+        assert sorted(entry["sites"]) == SITES and sorted(entry["contributors"]) == SITES
+        for values in entry["sites"].values():
+            for key in ("personalized_dice", "personalized_hd95", "global_dice", "global_hd95", "global_loss", "bytes_sent", "bytes_received", "train_seconds"):
+                assert key in values, key
+            assert values["bytes_sent"] == 4 * reference(model_config_for(MODEL.to_dict(), "pfedsam")).partition.num_values("global")
+        assert entry["seconds"] > 0
+    assert sorted(metrics["final"]["SRV_FL_global_model.pt"]) == SITES
+    with Image.open(server / "learning_curves.png") as image:
+        assert image.size[0] > 500
+    assert sorted(p.name for p in (server / "tb_events").iterdir()) == SITES
+
+
+def test_nothing_local_reaches_the_server(run):
+    workspace, _ = run
+    partition = reference(model_config_for(MODEL.to_dict(), "pfedsam")).partition
+    server = workspace / "server"
+    records = [json.loads(line) for line in (server / "simulate_job" / RECORD_FILE).read_text().splitlines()]
+    assert len(records) == 3 * 2
+    for record in records:
+        assert record["keys"] == sorted(partition.global_keys), record["site"]
+    local_names = [key.encode() for key in partition.local_keys]
+    for path in server.rglob("*"):
+        if path.is_file():
+            content = path.read_bytes()
+            assert not any(name in content for name in local_names), path
+
+
+def test_a_site_that_does_not_allow_the_package_refuses_the_job(tmp_path):
+    job = _export(tmp_path)
+    shutil.rmtree(job.parent / "pfedsam" / "app" / "custom", ignore_errors=True)
+    completed = _simulate(job, tmp_path / "workspace", tmp_path / "data")
+    output = completed.stdout + completed.stderr
+    assert "is not in allow_list" in output
+    assert not (tmp_path / "workspace" / "server" / "simulate_job" / "pfedsam_metrics.json").exists()
+
+
+def test_the_committed_simulator_workspace_allows_only_the_package():
+    committed = json.loads((TESTS.parent / "workspace" / "local" / "resources.json").read_text())
+    assert committed == allow_pfedsam({"format_version": 2})
+    assert "*" not in committed["class_allow_list"] and PACKAGE_PREFIX in committed["class_allow_list"]
+    assert "class_list_enforcement_mode" not in committed
