@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 CURVES = (
     ("personalized_dice", "personalized Dice (after the round's training)"),
@@ -43,6 +44,7 @@ def plot_learning_curves(metrics: dict[str, Any], path: Path) -> Path:
             axis.plot(rounds, values, marker="o", label=site)
         axis.set_title(title, fontsize=10)
         axis.set_xlabel("round")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
     axes[0].legend()
     figure.suptitle(f"{metrics.get('job', 'pfedsam')}: method {metrics.get('method', '?')}")

@@ -10,7 +10,6 @@ import nibabel as nib
 import nrrd
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from pfedsam_nvflare.cli import main
@@ -42,7 +41,7 @@ def test_generated_sites_train_with_the_core_trainer(generated, tmp_path):
         assert len(data.split.val_cases) == 2 and len(data.val) == 2 * 4  # two cases of four slices
         image, mask = data.train[0]
         assert image.shape == (1, 64, 64) and mask.shape == (1, 64, 64)
-        assert 0 <= float(image.min()) and float(image.max()) <= 1 and set(mask.unique().tolist()) <= {0.0, 1.0}
+        assert float(image.min()) >= 0 and float(image.max()) <= 1 and set(mask.unique().tolist()) <= {0.0, 1.0}
         assert json.loads((tmp_path / site / "split.json").read_text())["val_cases"] == data.split.val_cases
     trainer = LocalTrainer(ModelConfig(backbone="tiny"), TrainerConfig(), data.train, data.val, tmp_path / "site")
     result = trainer.run_round(trainer.global_state())

@@ -61,7 +61,7 @@ def test_each_phase_moves_only_its_own_partition(tmp_path, kd_direction):
 
 def test_three_rounds_on_two_sites_lower_the_loss_and_repeat_exactly(tmp_path, two_sites):
     trainers, global_state, history = _federate(two_sites, tmp_path / "run1", rounds=3)
-    for name, trainer in trainers.items():
+    for name in trainers:
         assert history[-1][name].metrics["global_loss"] < history[0][name].metrics["global_loss"]
         assert history[-1][name].metrics["local_loss"] < history[0][name].metrics["local_loss"]
     fresh = LocalTrainer(TINY, FAST, two_sites["site-1"], two_sites["site-1"], tmp_path / "fresh")

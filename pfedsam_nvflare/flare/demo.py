@@ -4,6 +4,7 @@ ending with a per-site table and the paths of the pictures."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -47,15 +48,21 @@ def summary(metrics: dict[str, Any], job_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def run_demo(workspace: str | Path, method: str = "pfedsam", num_rounds: int = 3, threads: int = 3) -> tuple[dict, str]:
-    """Run the job in the simulator under ``workspace/<method>``; returns the metrics and the summary."""
+def run_demo(workspace: str | Path, method: str = "pfedsam", num_rounds: int = 3) -> tuple[dict, str]:
+    """Run the job in the simulator under ``workspace/<method>``; returns the metrics and the summary.
+
+    The sites run side by side, one process each, each with ``cpu_count // sites`` torch threads (at least one):
+    more threads than cores make OpenMP spin, and fewer simulator threads than sites make the simulator restart
+    each site's app on every turn.
+    """
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(SITES))))
     workspace = Path(workspace).resolve()
     job_dir = workspace / method
     allow_pfedsam_in(job_dir / "local")  # this simulated federation's sites accept pfedsam_nvflare components
     print(f"pFedSAM demo: method {method}, {num_rounds} rounds, {len(SITES)} simulated sites, workspace {job_dir}")
     began = time.monotonic()
     job_recipe(method, num_rounds=num_rounds).execute(
-        SimEnv(clients=list(SITES), num_threads=threads, workspace_root=str(workspace), log_config="concise")
+        SimEnv(clients=list(SITES), num_threads=len(SITES), workspace_root=str(workspace), log_config="concise")
     )
     elapsed = time.monotonic() - began
     metrics = json.loads((job_dir / "server" / "simulate_job" / "pfedsam_metrics.json").read_text())

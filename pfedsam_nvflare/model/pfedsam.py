@@ -92,9 +92,11 @@ class PFedSAM(nn.Module):
             if config.decoder == "lora" and not config.full_finetune:
                 self._adapt_decoder()
         self._steps = encoder_steps(self.sam.image_encoder)  # a plain list: the steps' weights belong to self.sam
+        trainable = [*self.global_parameters(), *self.local_parameters()]
         self.requires_grad_(False)
-        for parameter in (*self.global_parameters(), *self.local_parameters()):
+        for parameter in trainable:
             parameter.requires_grad_(True)
+        self.cache_start = self._first_step_holding(trainable)
         self.train(False)
 
     def _adapt_encoder(self) -> list[AdaptedLinear]:
@@ -189,12 +191,12 @@ class PFedSAM(nn.Module):
 
     # --- forward ---
 
-    @property
-    def cache_start(self) -> int:
-        """Index of the first encoder step holding a trainable weight; the steps before it never change."""
-        trainable = {id(p) for p in self.global_parameters()} | {id(p) for p in self.local_parameters()}
+    def _first_step_holding(self, parameters: list[nn.Parameter]) -> int:
+        """Index of the first encoder step holding one of ``parameters``: ``cache_start``, before which nothing
+        is ever trained, so its output can be cached."""
+        wanted = {id(p) for p in parameters}
         for index, step in enumerate(self._steps):
-            if any(id(p) in trainable for p in step.parameters()):
+            if any(id(p) in wanted for p in step.parameters()):
                 return index
         return len(self._steps)
 

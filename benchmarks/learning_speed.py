@@ -1,0 +1,50 @@
+"""How fast LiteMedSAM learns prompt-free segmentation of one synthetic site, per decoder mode and learning
+rate: validation Dice of the global model after each epoch (global-partition training only, as ``fedavg``).
+This chose the job folders' settings (``decoder="lora"``, learning rate 3e-3).
+
+    python benchmarks/learning_speed.py [--epochs 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import warnings
+
+from pfedsam_nvflare.data.config import DataConfig, SyntheticConfig, resolve_root
+from pfedsam_nvflare.data.sites import load_site
+from pfedsam_nvflare.model import ModelConfig
+from pfedsam_nvflare.training import LocalTrainer, TrainerConfig
+
+SETTINGS = (("full", 3e-3), ("full", 1e-3), ("lora", 3e-3))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=6)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    data = DataConfig(synthetic=SyntheticConfig(cases=5, depth=4))
+    site = load_site(resolve_root(data), "site-1", data.slice_options(256))
+    print(f"site-1 of the job's synthetic data: {len(site.train)} training, {len(site.val)} validation slices")
+    print(f"{'decoder':>8} {'lr':>7} " + " ".join(f"{'epoch ' + str(e + 1):>8}" for e in range(args.epochs)) + "  seconds")
+    for decoder, lr in SETTINGS:
+        began = time.perf_counter()
+        trainer = LocalTrainer(
+            ModelConfig(adapted_blocks=2, decoder=decoder),
+            TrainerConfig(method="fedavg", lr_global=lr, batch_size=2),
+            site.train,
+            site.val,
+            tempfile.mkdtemp(),
+        )
+        state, dice = trainer.global_state(), []
+        for _ in range(args.epochs):
+            result = trainer.run_round(state)
+            state = {key: state[key] + result.global_diff[key] for key in state}
+            dice.append(trainer.validate(paths=("global",))["global_dice"])
+        print(f"{decoder:>8} {lr:>7g} " + " ".join(f"{d:>8.3f}" for d in dice) + f"  {time.perf_counter() - began:7.0f}")
+
+
+if __name__ == "__main__":
+    main()
