@@ -146,3 +146,9 @@ def test_the_filter_leaves_a_clean_update_untouched(partition):
     filtered = from_shareable(GlobalPartitionFilter(model=MODEL).process(_contribution(data), _context()))
     assert sorted(filtered.data) == sorted(partition.global_keys)
     assert "GlobalPartitionFilter" not in (filtered.get_filter_history() or [])
+
+
+def test_the_filter_lets_validation_metrics_through(partition):
+    metrics = DXO(DataKind.METRICS, {"personalized_dice": 0.8, "global_dice": 0.6}).to_shareable()
+    result = from_shareable(GlobalPartitionFilter(model=MODEL).process(metrics, _context()))
+    assert result.data_kind == DataKind.METRICS and result.data == {"personalized_dice": 0.8, "global_dice": 0.6}

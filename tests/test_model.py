@@ -95,14 +95,23 @@ def test_too_many_labels():
 
 
 def test_expert_gates_top_k_and_balance():
+    torch.manual_seed(0)
     mixture = ExpertMixture(16, 8, num_experts=4, rank=2, alpha=2.0, top_k=2)
     x = torch.randn(5, 7, 16)
     gates = mixture.gates(x)
     assert gates.shape == (5, 4)
     assert torch.allclose(gates.sum(-1), torch.ones(5))
     assert ((gates > 0).sum(-1) == 2).all()
+    mixture = ExpertMixture(16, 8, num_experts=4, rank=2, alpha=2.0, top_k=None)
+    with torch.no_grad():
+        mixture.router.weight.zero_()
+        mixture.router.bias.zero_()  # uniform gates over all four experts
     mixture(x)
-    assert mixture.balance_loss is not None and mixture.balance_loss >= 1.0 - 1e-6  # 1 is perfect balance
+    assert torch.isclose(mixture.balance_loss, torch.tensor(1.0))
+    with torch.no_grad():
+        mixture.router.bias.copy_(torch.tensor([50.0, 0.0, 0.0, 0.0]))  # every sequence on expert 0
+    mixture(x)
+    assert mixture.balance_loss > 3.99  # collapse costs up to num_experts
 
 
 def test_backbone_batch_norm_stays_frozen_in_training_mode():

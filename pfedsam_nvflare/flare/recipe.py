@@ -109,7 +109,5 @@ class PFedSAMRecipe(Recipe):
         job.to_clients(TBWriter(event_type=ANALYTICS_EVENT), id="analytic_sender")
         job.to_clients(ConvertToFedEvent(events_to_convert=[ANALYTICS_EVENT], fed_event_prefix="fed."), id="event_to_fed")
         super().__init__(job)
-        self.add_client_output_filter(
-            GlobalPartitionFilter(model=model_settings, method=trainer_method),
-            tasks=[AppConstants.TASK_TRAIN, AppConstants.TASK_SUBMIT_MODEL],
-        )
+        # every task: the filter touches only WEIGHTS and WEIGHT_DIFF results, so validation metrics pass untouched
+        self.add_client_output_filter(GlobalPartitionFilter(model=model_settings, method=trainer_method), tasks=["*"])
