@@ -31,6 +31,11 @@ logger = logging.getLogger(__name__)
 KD_DIRECTIONS = ("local_to_global", "global_to_local", "none")
 
 
+def _float_state(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """A received global partition (tensors or numpy arrays, maybe half precision) as float32 tensors."""
+    return {key: torch.as_tensor(value, dtype=torch.float32) for key, value in state.items()}
+
+
 class TrainingAborted(RuntimeError):
     """``should_abort`` asked the round to stop; nothing of the round was kept."""
 
@@ -184,7 +189,7 @@ class LocalTrainer:
     ) -> RoundResult:
         """Train one round from the received global partition and return its difference."""
         round_index = self.rounds_done + 1
-        received = {key: torch.as_tensor(value, dtype=torch.float32) for key, value in global_state.items()}
+        received = _float_state(global_state)
         self.partition.check(received, GLOBAL)
         saved = self.global_state(), self.local_state(), copy.deepcopy([o.state_dict() for o in self.optimizers.values()])
         if not self.keeps_own_global:
@@ -282,7 +287,7 @@ class LocalTrainer:
             raise ValueError(f"{self.site_name} has no validation set")
         if global_state is not None and not self.keeps_own_global:
             current = self.global_state()
-            self.partition.load_global(self.model, {k: torch.as_tensor(v, dtype=torch.float32) for k, v in global_state.items()})
+            self.partition.load_global(self.model, _float_state(global_state))
             try:
                 return self.validate(paths=paths)
             finally:
