@@ -53,10 +53,51 @@ def _allow_list(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from .flare.demo import run_demo
+    from .flare.jobs import JOB_PRIVACY
 
-    _, text = run_demo(args.workspace, method=args.method, num_rounds=args.rounds)
+    _, text = run_demo(args.workspace, method=args.method, num_rounds=args.rounds, privacy=JOB_PRIVACY if args.dp else None)
     print(text)
     return 0
+
+
+def _site_files(pairs: list[str]) -> dict[str, str]:
+    files = {}
+    for pair in pairs:
+        site, separator, path = pair.partition("=")
+        if not separator or not site or not path:
+            raise ValueError(f"--privacy takes SITE=FILE, got {pair!r}")
+        files[site] = path
+    return files
+
+
+def _poc(args: argparse.Namespace) -> int:
+    from .flare import poc
+
+    if args.action == "prepare":
+        deployment = poc.prepare_poc(args.workspace, sites=args.sites, privacy=_site_files(args.privacy))
+        print(f"POC deployment of {', '.join(deployment.sites)} ready in {deployment.kits}")
+    elif args.action == "start":
+        poc.start_poc(args.workspace)
+    else:
+        poc.stop_poc(args.workspace)
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from nvflare.apis.job_def import RunStatus
+
+    from .flare.poc import poc_deployment
+    from .flare.submit import report, run_job
+
+    logging.getLogger("nvflare").setLevel(logging.WARNING)  # the API's connection chatter; progress is printed
+    if args.poc_workspace:
+        deployment = poc_deployment(args.poc_workspace)
+        kit = deployment.kit(deployment.admin)
+    else:
+        kit = args.startup_kit
+    outcome = run_job(args.job, kit, args.results, username=args.username, timeout=args.timeout)
+    print(report(outcome))
+    return 0 if outcome.status == RunStatus.FINISHED_COMPLETED else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,7 +130,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workspace", default="pfedsam_demo", help="simulator workspace root (default ./pfedsam_demo)")
     demo.add_argument("--method", default="pfedsam", choices=["pfedsam", "pfedsam_nokd", "fedavg", "local", "fedsam"])
     demo.add_argument("--rounds", type=int, default=3)
+    demo.add_argument("--dp", action="store_true", help="every site clips and noises its updates (the pfedsam_dp job)")
     demo.set_defaults(run=_demo)
+
+    poc = commands.add_parser("poc", help="a FLARE POC deployment on this machine (mTLS), ready for pFedSAM jobs")
+    poc.add_argument("action", choices=["prepare", "start", "stop"])
+    poc.add_argument("--workspace", default="/tmp/pfedsam_poc", help="POC workspace (default /tmp/pfedsam_poc)")
+    poc.add_argument("--sites", type=int, default=3, help="prepare: number of sites, named site-1, site-2, ...")
+    poc.add_argument(
+        "--privacy", action="append", default=[], metavar="SITE=FILE",
+        help="prepare: install FILE as SITE's local/privacy.json (repeatable)",
+    )
+    poc.set_defaults(run=_poc)
+
+    submit = commands.add_parser("submit", help="submit a job with an admin startup kit, wait, download the results")
+    submit.add_argument("job", help="job folder, e.g. jobs/pfedsam")
+    kit = submit.add_mutually_exclusive_group(required=True)
+    kit.add_argument("--startup-kit", help="the admin's startup kit folder (a provisioned deployment)")
+    kit.add_argument("--poc-workspace", help="a POC workspace: its project admin's kit is used")
+    submit.add_argument("--username", help="the admin's name (default: the kit's folder name)")
+    submit.add_argument("--results", default="results", help="folder the results are downloaded into")
+    submit.add_argument("--timeout", type=float, default=0, help="seconds to wait before aborting the job (0: no limit)")
+    submit.set_defaults(run=_submit)
 
     export = commands.add_parser("export-jobs", help="write the job folders (the repository's jobs/)")
     export.add_argument("--out", default="jobs")
@@ -105,10 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .data.sites import DataError
+    from .flare.poc import DeploymentError
 
     try:
         return args.run(args)
-    except (DataError, ValueError) as error:
+    except (DataError, DeploymentError, ValueError) as error:
         print(f"pfedsam {args.command}: error: {error}", file=sys.stderr)
         return 2
 

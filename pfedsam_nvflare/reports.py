@@ -25,6 +25,38 @@ CURVES = (
 )
 
 
+def _number(value: Any, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def results_table(metrics: dict[str, Any]) -> str:
+    """Per site: the untrained, personalized and final global Dice, the bytes sent per round and, where the site
+    applied differential privacy, the ε it spent."""
+    rounds = metrics["rounds"]
+    first, last = rounds[0]["sites"], rounds[-1]["sites"]
+    final = metrics["final"].get("SRV_FL_global_model.pt", {})
+    spent = {
+        site: update["privacy"]["epsilon"]
+        for entry in rounds
+        for site, update in entry.get("updates", {}).items()
+        if "privacy" in update
+    }
+    header = f"{'site':<8} {'untrained Dice':>14} {'personalized Dice':>17} {'final global Dice':>17} {'bytes sent/round':>16}"
+    lines = [header + (f" {'DP ε spent':>10}" if spent else "")]
+    for site in sorted(last):
+        row = (
+            f"{site:<8} {_number(first.get(site, {}).get('global_dice')):>14} "
+            f"{_number(last[site].get('personalized_dice')):>17} {_number(final.get(site, {}).get('global_dice')):>17} "
+            f"{last[site]['bytes_sent']:>16,}"
+        )
+        lines.append(row + (f" {_number(spent.get(site), 2) if site in spent else 'no DP':>10}" if spent else ""))
+    lines.append(
+        f"untrained: the initial global model, before any training; personalized: after round {len(rounds)}; "
+        "final global: the last aggregated global model"
+    )
+    return "\n".join(lines)
+
+
 def site_series(metrics: dict[str, Any], key: str) -> dict[str, tuple[list[int], list[float]]]:
     """``{site: (rounds, values)}`` of one metric from the metrics file's rounds."""
     series: dict[str, tuple[list[int], list[float]]] = {}

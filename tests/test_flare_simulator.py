@@ -8,35 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 from flare_probe import RECORD_FILE
+from opacus.accountants import RDPAccountant
 from PIL import Image
+from tiny_job import MODEL, export_tiny_job
 
-from pfedsam_nvflare.data.config import DataConfig, SyntheticConfig
-from pfedsam_nvflare.flare import PFedSAMRecipe
 from pfedsam_nvflare.flare.settings import model_config_for, reference
 from pfedsam_nvflare.flare.site_policy import PACKAGE_PREFIX, allow_pfedsam, allow_pfedsam_in
-from pfedsam_nvflare.model import ModelConfig
-from pfedsam_nvflare.training import TrainerConfig
 
 TESTS = Path(__file__).parent
 SITES = ["site-1", "site-2", "site-3"]
-MODEL = ModelConfig(backbone="tiny")
-
-
-def _export(root: Path) -> Path:
-    recipe = PFedSAMRecipe(
-        name="pfedsam",
-        num_rounds=2,
-        model=MODEL,
-        trainer=TrainerConfig(batch_size=4),
-        data=DataConfig(synthetic=SyntheticConfig(cases=4, size=48, depth=3)),
-    )
-    recipe.export(str(root / "jobs"))
-    job = root / "jobs" / "pfedsam"
-    server_config = job / "app" / "config" / "config_fed_server.json"
-    config = json.loads(server_config.read_text())
-    config["components"].append({"id": "contribution_probe", "path": "flare_probe.ContributionProbe", "args": {}})
-    server_config.write_text(json.dumps(config, indent=2))
-    return job
 
 
 def _simulate(job: Path, workspace: Path, data_home: Path) -> subprocess.CompletedProcess:
@@ -48,7 +28,7 @@ def _simulate(job: Path, workspace: Path, data_home: Path) -> subprocess.Complet
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("simulation")
-    job = _export(root)
+    job = export_tiny_job(root, probe=True)
     workspace = root / "workspace"
     resources = allow_pfedsam_in(workspace / "local")
     policy = json.loads(resources.read_text())
@@ -127,8 +107,30 @@ def test_nothing_local_reaches_the_server(run):
             assert not any(name in content for name in local_names), path
 
 
+def test_once_the_dp_budget_is_spent_the_sites_keep_their_updates_and_the_job_ends(tmp_path):
+    # GaussianPrivacy as a job filter; noise multiplier 1: ε at δ=1e-5 is 4.73 after round 1, 7.08 after round 2
+    job = export_tiny_job(tmp_path, privacy={"noise_multiplier": 1.0, "delta": 1e-5, "max_epsilon": 5.0})
+    workspace = tmp_path / "workspace"
+    allow_pfedsam_in(workspace / "local")
+    _simulate(job, workspace, tmp_path / "data")
+    metrics = json.loads((workspace / "server" / "simulate_job" / "pfedsam_metrics.json").read_text())
+    assert len(metrics["rounds"]) == 1, "a round after the budget was spent was aggregated"
+    accountant = RDPAccountant()
+    accountant.step(noise_multiplier=1.0, sample_rate=1.0)
+    logs = []
+    for site in SITES:
+        report = metrics["rounds"][0]["updates"][site]["privacy"]
+        assert report["releases"] == 1 and report["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5))
+        state = json.loads((workspace / site / "simulate_job" / "privacy_accountant.json").read_text())
+        assert state["history"] == [[1.0, 1.0, 1]]  # no site released a second update
+        logs.append((workspace / site / "log.txt").read_text())
+    # the first refusal ends the job (3 sites, min_clients 3), so a slower site may be stopped before its filter
+    assert any("the privacy budget is spent: updates sent so far 1, ε=4.729" in log and "max_epsilon=5" in log for log in logs)
+    assert "Aborting current RUN" in (workspace / "server" / "log.txt").read_text()
+
+
 def test_a_site_that_does_not_allow_the_package_refuses_the_job(tmp_path):
-    job = _export(tmp_path)
+    job = export_tiny_job(tmp_path)
     completed = _simulate(job, tmp_path / "workspace", tmp_path / "data")
     output = completed.stdout + completed.stderr
     assert "is not in allow_list" in output

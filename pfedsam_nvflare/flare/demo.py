@@ -11,45 +11,28 @@ from typing import Any
 
 from nvflare.recipe.sim_env import SimEnv
 
+from ..reports import results_table
 from .jobs import job_recipe
 from .site_policy import allow_pfedsam_in
 
 SITES = ("site-1", "site-2", "site-3")
 
 
-def _number(value: Any, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
 def summary(metrics: dict[str, Any], job_dir: Path) -> str:
-    """The table a person reads at the end of a run."""
-    rounds = metrics["rounds"]
-    first, last = rounds[0]["sites"], rounds[-1]["sites"]
-    final = metrics["final"].get("SRV_FL_global_model.pt", {})
-    lines = [
-        f"{'site':<8} {'untrained Dice':>14} {'personalized Dice':>17} {'final global Dice':>17} {'bytes sent/round':>16}",
-    ]
-    for site in sorted(last):
-        lines.append(
-            f"{site:<8} {_number(first.get(site, {}).get('global_dice')):>14} "
-            f"{_number(last[site].get('personalized_dice')):>17} {_number(final.get(site, {}).get('global_dice')):>17} "
-            f"{last[site]['bytes_sent']:>16,}"
-        )
-    lines.append(
-        f"untrained: the initial global model, before any training; personalized: after round {len(rounds)}; "
-        "final global: the last aggregated global model"
-    )
+    """The table a person reads at the end of a run, and where its files are."""
     server = job_dir / "server" / "simulate_job"
+    lines = [results_table(metrics)]
     lines.append(f"metrics:         {server / 'pfedsam_metrics.json'}")
     lines.append(f"learning curves: {server / 'learning_curves.png'}")
     lines.append(f"TensorBoard:     tensorboard --logdir {server / 'tb_events'}")
-    for site in sorted(last):
+    for site in sorted(metrics["rounds"][-1]["sites"]):
         lines.append(f"overlays {site}: {job_dir / site / 'simulate_job' / 'pfedsam' / 'overlays.png'}")
     return "\n".join(lines)
 
 
-def run_demo(workspace: str | Path, method: str = "pfedsam", num_rounds: int = 3) -> tuple[dict, str]:
-    """Run the job in the simulator under ``workspace/<method>``; returns the metrics and the summary.
+def run_demo(workspace: str | Path, method: str = "pfedsam", num_rounds: int = 3, privacy: dict | None = None) -> tuple[dict, str]:
+    """Run the job in the simulator under ``workspace/<job name>``; returns the metrics and the summary. With
+    ``privacy`` every site applies ``GaussianPrivacy`` with those arguments.
 
     The sites run side by side, one process each, each with ``cpu_count // sites`` torch threads (at least one):
     more threads than cores make OpenMP spin, and fewer simulator threads than sites make the simulator restart
@@ -57,11 +40,12 @@ def run_demo(workspace: str | Path, method: str = "pfedsam", num_rounds: int = 3
     """
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(SITES))))
     workspace = Path(workspace).resolve()
-    job_dir = workspace / method
+    recipe = job_recipe(method, num_rounds=num_rounds, privacy=privacy)
+    job_dir = workspace / recipe.name
     allow_pfedsam_in(job_dir / "local")  # this simulated federation's sites accept pfedsam_nvflare components
-    print(f"pFedSAM demo: method {method}, {num_rounds} rounds, {len(SITES)} simulated sites, workspace {job_dir}")
+    print(f"pFedSAM demo: job {recipe.name}, {num_rounds} rounds, {len(SITES)} simulated sites, workspace {job_dir}")
     began = time.monotonic()
-    job_recipe(method, num_rounds=num_rounds).execute(
+    recipe.execute(
         SimEnv(clients=list(SITES), num_threads=len(SITES), workspace_root=str(workspace), log_config="concise")
     )
     elapsed = time.monotonic() - began

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from nvflare.apis.dxo import DataKind, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import FLContextKey, ReservedKey
@@ -19,13 +20,15 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.widgets.widget import Widget
 
 from ..reports import plot_learning_curves
-from .settings import METRICS_META_KEY
+from .privacy import l2_norm
+from .settings import METRICS_META_KEY, PRIVACY_META_KEY
 
 
 class RoundMetricsWriter(Widget):
-    """Writes ``<run dir>/<file_name>``: ``{"job", "method", "rounds": [{"round", "seconds", "sites": {site:
-    metrics}, "contributors"}], "final": {model: {site: metrics}}}`` after every round, and ``learning_curves.png``
-    beside it when the run ends."""
+    """Writes ``<run dir>/<file_name>`` after every round, and ``learning_curves.png`` beside it when the run ends:
+    ``{"job", "method", "rounds": [{"round", "seconds", "sites": {site: metrics}, "updates": {site: {"l2_norm",
+    "privacy"}}, "contributors"}], "final": {model: {site: metrics}}}``. ``updates`` is what the server received:
+    the L2 norm of each site's update and, where the site applied ``GaussianPrivacy``, the privacy it spent."""
 
     def __init__(self, method: str = "pfedsam", file_name: str = "pfedsam_metrics.json"):
         super().__init__()
@@ -64,13 +67,22 @@ class RoundMetricsWriter(Widget):
         shareable = fl_ctx.get_peer_context().get_prop(FLContextKey.SHAREABLE)
         site = shareable.get_peer_prop(ReservedKey.IDENTITY_NAME, "?")
         try:
-            metrics = from_shareable(shareable).get_meta_prop(METRICS_META_KEY)
+            dxo = from_shareable(shareable)
         except ValueError:
-            metrics = None
+            self.log_warning(fl_ctx, f"the contribution of {site} is not a DXO")
+            return
+        metrics = dxo.get_meta_prop(METRICS_META_KEY)
         if isinstance(metrics, dict):
             self._round["sites"][site] = metrics
         else:
             self.log_warning(fl_ctx, f"the contribution of {site} carries no {METRICS_META_KEY}")
+        update: dict[str, Any] = {}
+        if isinstance(dxo.data, dict) and all(isinstance(value, np.ndarray) for value in dxo.data.values()):
+            update["l2_norm"] = l2_norm(dxo.data)
+        privacy = dxo.get_meta_prop(PRIVACY_META_KEY)
+        if isinstance(privacy, dict):
+            update["privacy"] = privacy
+        self._round.setdefault("updates", {})[site] = update
 
     def _validation(self, fl_ctx: FLContext) -> None:
         result = fl_ctx.get_prop(AppConstants.VALIDATION_RESULT)

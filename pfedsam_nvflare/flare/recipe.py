@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from nvflare.apis.filter import Filter
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.shareablegenerators.full_model_shareable_generator import FullModelShareableGenerator
 from nvflare.app_common.widgets.convert_to_fed_event import ConvertToFedEvent
@@ -34,6 +35,7 @@ RECIPE_METHODS = {
     "fedsam": ("fedsam", None),
 }
 ANALYTICS_EVENT = "analytix_log_stats"
+WEIGHTS_TASKS = (AppConstants.TASK_TRAIN, AppConstants.TASK_SUBMIT_MODEL)
 
 
 class PFedSAMRecipe(Recipe):
@@ -109,5 +111,11 @@ class PFedSAMRecipe(Recipe):
         job.to_clients(TBWriter(event_type=ANALYTICS_EVENT), id="analytic_sender")
         job.to_clients(ConvertToFedEvent(events_to_convert=[ANALYTICS_EVENT], fed_event_prefix="fed."), id="event_to_fed")
         super().__init__(job)
-        # every task: the filter touches only WEIGHTS and WEIGHT_DIFF results, so validation metrics pass untouched
-        self.add_client_output_filter(GlobalPartitionFilter(model=model_settings, method=trainer_method), tasks=["*"])
+        self.add_weights_output_filter(GlobalPartitionFilter(model=model_settings, method=trainer_method))
+
+    def add_weights_output_filter(self, result_filter: Filter) -> None:
+        """Apply ``result_filter`` to every result of a site that carries weights (``train``, ``submit_model``),
+        after the filters added before. FLARE matches filter tasks by name (``*`` is not a pattern there), so the
+        filter is added to each task by name, one chain per task."""
+        for task in WEIGHTS_TASKS:
+            self.add_client_output_filter(result_filter, tasks=[task])

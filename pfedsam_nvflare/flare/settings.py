@@ -15,6 +15,8 @@ from ..training.methods import get_method
 
 # DXO meta key under which a site reports its round metrics (numbers only, never data).
 METRICS_META_KEY = "pfedsam_metrics"
+# DXO meta key under which ``GaussianPrivacy`` reports the privacy a site has spent.
+PRIVACY_META_KEY = "pfedsam_privacy"
 
 
 def model_config_for(model: dict[str, Any] | None, method: str) -> ModelConfig:

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Run one job on a FLARE POC deployment of this machine: prepare it (mTLS certificates, the allow-list and any
+# privacy scopes in each site's local/), start it, submit the job through the FLARE API, wait for it, download
+# its results, and stop every service, also when a step fails.
+#
+#   bash poc/run_poc.sh [JOB_FOLDER]          (default jobs/pfedsam)
+#
+# Settings: POC_WORKSPACE (default /tmp/pfedsam_poc), POC_SITES (default 3), POC_RESULTS (default poc_results),
+# POC_PRIVACY: space-separated SITE=FILE pairs, e.g. "site-3=poc/privacy.json".
+set -euo pipefail
+job=${1:-jobs/pfedsam}
+workspace=${POC_WORKSPACE:-/tmp/pfedsam_poc}
+privacy=()
+for pair in ${POC_PRIVACY:-}; do privacy+=(--privacy "$pair"); done
+
+pfedsam poc prepare --workspace "$workspace" --sites "${POC_SITES:-3}" "${privacy[@]}"
+trap 'pfedsam poc stop --workspace "$workspace"' EXIT
+pfedsam poc start --workspace "$workspace"
+pfedsam submit "$job" --poc-workspace "$workspace" --results "${POC_RESULTS:-poc_results}"

@@ -1,0 +1,150 @@
+"""``GaussianPrivacy`` on real DXOs of the tiny model's global partition, and FLARE's own privacy filters on
+the update a real training round produces."""
+
+import json
+
+import numpy as np
+import pytest
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.filters.percentile_privacy import PercentilePrivacy
+from nvflare.app_common.filters.svt_privacy import SVTPrivacy
+from opacus.accountants import RDPAccountant
+from sites import make_site
+
+from pfedsam_nvflare.flare.privacy import GaussianPrivacy, l2_norm
+from pfedsam_nvflare.flare.settings import METRICS_META_KEY, PRIVACY_META_KEY, model_config_for, reference
+from pfedsam_nvflare.model import ModelConfig
+from pfedsam_nvflare.training import LocalTrainer, TrainerConfig
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    partition = reference(model_config_for({"backbone": "tiny"}, "pfedsam")).partition
+    return {key: partition.shapes[key] for key in partition.global_keys}
+
+
+def _update(shapes, seed=0, norm=50.0):
+    rng = np.random.default_rng(seed)
+    update = {key: rng.standard_normal(shape).astype(np.float32) for key, shape in shapes.items()}
+    scale = norm / l2_norm(update)
+    return {key: value * scale for key, value in update.items()}
+
+
+def _send(privacy, data, kind=DataKind.WEIGHT_DIFF):
+    shareable = DXO(kind, data, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: 8, METRICS_META_KEY: {"global_dice": 0.5}}).to_shareable()
+    return privacy.process(shareable, FLContext())
+
+
+def _noise(seed, shapes, std):
+    rng = np.random.default_rng(seed)
+    return {key: rng.normal(0.0, std, shape) for key, shape in shapes.items()}
+
+
+@pytest.mark.parametrize("norm", [50.0, 0.3])
+def test_the_update_is_clipped_before_the_noise(tmp_path, shapes, norm):
+    update = _update(shapes, norm=norm)
+    privacy = GaussianPrivacy(clip_norm=1.0, noise_multiplier=0.5, max_epsilon=100, accountant_file=str(tmp_path / "a.json"), seed=7)
+    sent = from_shareable(_send(privacy, update)).data
+    noise = _noise(7, shapes, 0.5)  # the same draws, in the same order
+    clipped = {key: sent[key].astype(np.float64) - noise[key] for key in shapes}
+    assert l2_norm(clipped) == pytest.approx(min(norm, 1.0), rel=1e-4)
+    for key in shapes:  # scaled, not reshaped: the direction is the update's
+        np.testing.assert_allclose(clipped[key], update[key] * min(1.0, 1.0 / norm), atol=1e-5)
+
+
+def test_the_noise_has_the_configured_standard_deviation(tmp_path, shapes):
+    update = _update(shapes, norm=3.0)
+    privacy = GaussianPrivacy(clip_norm=2.0, noise_multiplier=1.5, accountant_file=str(tmp_path / "a.json"), seed=3)
+    sent = from_shareable(_send(privacy, update)).data
+    added = np.concatenate([(sent[key].astype(np.float64) - update[key] * (2.0 / 3.0)).ravel() for key in shapes])
+    assert added.size > 10_000
+    tolerance = 4 * 3.0 / np.sqrt(2 * added.size)  # four standard errors of a sample standard deviation of 3.0
+    assert added.std() == pytest.approx(1.5 * 2.0, abs=tolerance)
+    assert abs(added.mean()) < 4 * 3.0 / np.sqrt(added.size)
+
+
+def test_epsilon_equals_opacus_for_the_same_noise_rounds_and_delta(tmp_path, shapes):
+    privacy = GaussianPrivacy(noise_multiplier=1.1, delta=1e-5, max_epsilon=100, accountant_file=str(tmp_path / "a.json"))
+    accountant = RDPAccountant()
+    for release in range(1, 6):
+        result = from_shareable(_send(privacy, _update(shapes, seed=release)))
+        accountant.step(noise_multiplier=1.1, sample_rate=1.0)
+        report = result.get_meta_prop(PRIVACY_META_KEY)
+        assert report["releases"] == release
+        assert report["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-12)
+        assert result.get_meta_prop(METRICS_META_KEY) == {"global_dice": 0.5}  # the rest of the meta goes along
+        assert result.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND) == 8
+    assert report["epsilon"] > 0
+    saved = json.loads((tmp_path / "a.json").read_text())
+    assert saved["history"] == [[1.1, 1.0, 5]] and saved["epsilon"] == report["epsilon"]
+
+
+def test_once_the_budget_is_spent_nothing_leaves(tmp_path, shapes, caplog):
+    # ε at δ=1e-5 with noise multiplier 1: 4.73 after one release, 9.01 after three, 10.6 after four
+    state = tmp_path / "site_budget.json"
+    privacy = GaussianPrivacy(noise_multiplier=1.0, delta=1e-5, max_epsilon=10, accountant_file=str(state))
+    for _ in range(3):
+        assert _send(privacy, _update(shapes)).get_return_code() == ReturnCode.OK
+    blocked = _send(privacy, _update(shapes))
+    assert blocked.get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR
+    with pytest.raises(ValueError):
+        from_shareable(blocked)  # no data at all
+    assert "privacy budget is spent: updates sent so far 3" in caplog.text and "max_epsilon=10" in caplog.text
+    assert json.loads(state.read_text())["history"] == [[1.0, 1.0, 3]]  # the refused one is not counted
+    resumed = GaussianPrivacy(noise_multiplier=1.0, delta=1e-5, max_epsilon=10, accountant_file=str(state))
+    assert _send(resumed, _update(shapes)).get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR
+
+
+def test_full_weights_are_refused_and_metrics_pass(tmp_path, shapes, caplog):
+    privacy = GaussianPrivacy(accountant_file=str(tmp_path / "a.json"))
+    assert _send(privacy, _update(shapes), kind=DataKind.WEIGHTS).get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR
+    assert "weights after local training hold the site's update without noise" in caplog.text
+    metrics = _send(privacy, {"global_dice": 0.5}, kind=DataKind.METRICS)
+    assert from_shareable(metrics).data == {"global_dice": 0.5}
+    assert not (tmp_path / "a.json").exists()  # nothing was released, nothing spent
+
+
+def test_an_update_that_cannot_be_clipped_is_refused(tmp_path, shapes, caplog):
+    privacy = GaussianPrivacy(accountant_file=str(tmp_path / "a.json"))
+    update = _update(shapes)
+    next(iter(update.values()))[0] = np.nan
+    assert _send(privacy, update).get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR
+    assert "non-finite" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "arguments, named",
+    [({"clip_norm": 0}, "clip_norm"), ({"noise_multiplier": -1}, "noise_multiplier"), ({"delta": 1.0}, "delta"),
+     ({"max_epsilon": float("inf")}, "max_epsilon")],
+)
+def test_bad_settings_are_named(arguments, named):
+    with pytest.raises(ValueError, match=named):
+        GaussianPrivacy(**arguments)
+
+
+def test_a_state_file_kept_at_another_delta_is_refused(tmp_path, shapes, caplog):
+    state = tmp_path / "a.json"
+    _send(GaussianPrivacy(delta=1e-5, accountant_file=str(state)), _update(shapes))
+    assert _send(GaussianPrivacy(delta=1e-3, accountant_file=str(state)), _update(shapes)).get_return_code() != ReturnCode.OK
+    assert "δ=1e-05, not 0.001" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def trained_update(tmp_path_factory):
+    data = make_site(4, seed=5)
+    trainer = LocalTrainer(ModelConfig(backbone="tiny"), TrainerConfig(batch_size=4), data, None, tmp_path_factory.mktemp("site"))
+    result = trainer.run_round(trainer.global_state())
+    return {key: value.numpy() for key, value in result.global_diff.items()}
+
+
+@pytest.mark.parametrize(
+    "heuristic", [PercentilePrivacy(percentile=10, gamma=0.02), SVTPrivacy(fraction=0.1, epsilon=0.2, noise_var=0.1)]
+)
+def test_flares_heuristic_filters_process_our_update(trained_update, heuristic):
+    result = from_shareable(_send(heuristic, trained_update))
+    assert sorted(result.data) == sorted(trained_update)
+    for key, value in trained_update.items():
+        assert result.data[key].shape == value.shape and np.isfinite(result.data[key]).all()
+    assert any(not np.array_equal(result.data[key], value) for key, value in trained_update.items())
