@@ -85,6 +85,8 @@ def prepare_poc(workspace: str | Path, sites: int = 3, privacy: dict[str, str | 
     """Provision a fresh POC deployment of ``sites`` sites in ``workspace`` (an older one there is removed),
     allow pFedSAM components at the server and every site, and install ``privacy[site]`` as that site's
     ``local/privacy.json``."""
+    if sites < 1:
+        raise DeploymentError(f"a POC deployment needs at least one site, got {sites}")
     privacy = privacy or {}
     names = [f"site-{i}" for i in range(1, sites + 1)]
     unknown = sorted(set(privacy) - set(names))
