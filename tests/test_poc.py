@@ -23,6 +23,7 @@ PRIVATE_SITE = "site-3"
 def poc(tmp_path_factory):
     root = tmp_path_factory.mktemp("poc")
     job = export_tiny_job(root)
+    files = sorted(job.rglob("*"))
     env = service_env(
         root,
         POC_WORKSPACE=str(root / "workspace"),
@@ -32,7 +33,8 @@ def poc(tmp_path_factory):
     code, output = run_logged(["bash", "poc/run_poc.sh", str(job)], root / "run_poc.log", env, timeout=900)
     left = left_running(root)
     results = sorted((root / "results").glob("*"))
-    return {"root": root, "code": code, "output": output, "left": left, "result": results[0] if results else None}
+    untouched = sorted(job.rglob("*")) == files
+    return {"root": root, "code": code, "output": output, "left": left, "result": results[0] if results else None, "untouched": untouched}
 
 
 def _kits(poc):
@@ -42,6 +44,7 @@ def _kits(poc):
 def test_the_job_completes_over_mutual_tls(poc):
     assert poc["code"] == 0, poc["output"][-6000:]
     assert "FINISHED:COMPLETED" in poc["output"]
+    assert poc["untouched"], "submitting changed the job folder"
     kits = _kits(poc)
     for site in SITES:
         startup = kits / site / "startup"

@@ -48,6 +48,7 @@ def test_provisioning_gives_every_participant_certificates_and_the_allow_list(tm
 
 def test_the_readme_rehearsal_runs_a_job_on_a_server_and_two_sites(tmp_path):
     job = export_tiny_job(tmp_path, min_clients=2)
+    files = sorted(job.rglob("*"))
     rehearsal = tmp_path / "rehearsal"
     env = service_env(tmp_path, REHEARSAL=str(rehearsal), JOB=str(job), SITES="site-1 site-2")
     code, output = run_logged(["bash", "-c", readme_block("rehearsal")], tmp_path / "rehearsal.log", env, timeout=900)
@@ -58,4 +59,5 @@ def test_the_readme_rehearsal_runs_a_job_on_a_server_and_two_sites(tmp_path):
     metrics = json.loads(results[0].read_text())
     assert all(sorted(entry["contributors"]) == ["site-1", "site-2"] for entry in metrics["rounds"])
     assert left == [], "services still running after the README's shutdown"
+    assert sorted(job.rglob("*")) == files, "submitting changed the job folder"
     assert code == 0, output[-3000:]

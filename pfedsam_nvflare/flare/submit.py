@@ -4,6 +4,8 @@ results: the same for a POC deployment on this machine and a provisioned one acr
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +48,10 @@ def run_job(
     username = username or startup_kit.name
     session = new_secure_session(username, str(startup_kit), timeout=60)
     try:
-        job_id = session.submit_job(str(job_dir))
+        with tempfile.TemporaryDirectory() as staging:  # FLARE signs the folder it submits, in place: not yours
+            submitted = Path(staging) / job_dir.name
+            shutil.copytree(job_dir, submitted)
+            job_id = session.submit_job(str(submitted))
         began = time.monotonic()
         print(f"submitted {job_dir.name} as {username}: job {job_id}")
         status = None
