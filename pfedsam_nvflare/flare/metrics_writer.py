@@ -4,7 +4,6 @@ JSON file, drawn as learning curves at the end."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.widgets.widget import Widget
 
 from ..reports import plot_learning_curves
+from ..training.site_state import atomic_write_text
 from .privacy import l2_norm
 from .settings import METRICS_META_KEY, PRIVACY_META_KEY
 
@@ -44,7 +44,7 @@ class RoundMetricsWriter(Widget):
             self._path = run_dir / self.file_name
             self._record = {"job": fl_ctx.get_job_id(), "method": self.method, "rounds": [], "final": {}}
         elif event_type == AppEventType.ROUND_STARTED:
-            self._round = {"round": fl_ctx.get_prop(AppConstants.CURRENT_ROUND), "sites": {}}
+            self._round = {"round": fl_ctx.get_prop(AppConstants.CURRENT_ROUND), "sites": {}, "updates": {}}
             self._round_began = time.monotonic()
         elif event_type == AppEventType.BEFORE_CONTRIBUTION_ACCEPT and self._round is not None:
             self._contribution(fl_ctx)
@@ -82,7 +82,7 @@ class RoundMetricsWriter(Widget):
         privacy = dxo.get_meta_prop(PRIVACY_META_KEY)
         if isinstance(privacy, dict):
             update["privacy"] = privacy
-        self._round.setdefault("updates", {})[site] = update
+        self._round["updates"][site] = update
 
     def _validation(self, fl_ctx: FLContext) -> None:
         result = fl_ctx.get_prop(AppConstants.VALIDATION_RESULT)
@@ -99,6 +99,4 @@ class RoundMetricsWriter(Widget):
     def _write(self) -> None:
         if self._path is None:
             return
-        temporary = self._path.with_name(self._path.name + ".tmp")
-        temporary.write_text(json.dumps(self._record, indent=2, default=str) + "\n")
-        os.replace(temporary, self._path)
+        atomic_write_text(json.dumps(self._record, indent=2, default=str) + "\n", self._path)

@@ -4,7 +4,6 @@ with the privacy spent accounted by Opacus's Rényi-DP accountant."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from opacus.accountants import RDPAccountant
 
+from ..training.site_state import atomic_write_text
 from .settings import PRIVACY_META_KEY
 
 ACCOUNTANT_FILE = "privacy_accountant.json"
@@ -75,10 +75,8 @@ class GaussianPrivacy(DXOFilter):
         accountant_file: str | None = None,
         seed: int | None = None,
     ):
-        super().__init__(
-            supported_data_kinds=[DataKind.WEIGHT_DIFF, DataKind.WEIGHTS],
-            data_kinds_to_filter=[DataKind.WEIGHT_DIFF, DataKind.WEIGHTS],
-        )
+        kinds = [DataKind.WEIGHT_DIFF, DataKind.WEIGHTS]  # WEIGHTS only to refuse them
+        super().__init__(supported_data_kinds=kinds, data_kinds_to_filter=kinds)
         for name, value in (("clip_norm", clip_norm), ("noise_multiplier", noise_multiplier), ("max_epsilon", max_epsilon)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise ValueError(f"GaussianPrivacy: {name} must be a positive number, got {value!r}")
@@ -170,8 +168,5 @@ class GaussianPrivacy(DXOFilter):
         return history
 
     def _save(self, path: Path, history: list[tuple[float, float, int]], epsilon: float) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + ".tmp")
         record = {"history": [list(entry) for entry in history], "delta": self.delta, "epsilon": epsilon}
-        temporary.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(temporary, path)
+        atomic_write_text(json.dumps(record, indent=2) + "\n", path)  # on disk before the update leaves

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import torch
 
@@ -17,12 +18,12 @@ class SiteStateError(RuntimeError):
     """The site's saved state is unreadable or belongs to another configuration."""
 
 
-def atomic_save(payload: Any, target: Path) -> Path:
-    """``torch.save`` to a temporary file, flushed to disk, then renamed over ``target``."""
+def _atomic_write(target: Path, write: Callable[[BinaryIO], None]) -> Path:
+    """``write`` into a temporary file, flushed to disk, then renamed over ``target``."""
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(target.name + ".tmp")
     with temporary.open("wb") as handle:
-        torch.save(payload, handle)
+        write(handle)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, target)
@@ -32,6 +33,16 @@ def atomic_save(payload: Any, target: Path) -> Path:
     finally:
         os.close(directory)
     return target
+
+
+def atomic_save(payload: Any, target: Path) -> Path:
+    """``torch.save`` ``payload`` to ``target`` atomically."""
+    return _atomic_write(target, lambda handle: torch.save(payload, handle))
+
+
+def atomic_write_text(text: str, target: Path) -> Path:
+    """Write ``text`` (UTF-8) to ``target`` atomically."""
+    return _atomic_write(target, lambda handle: handle.write(text.encode()))
 
 
 def save_site_state(site_dir: Path, state: dict[str, Any]) -> Path:
