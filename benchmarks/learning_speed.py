@@ -13,7 +13,7 @@ import time
 import warnings
 
 from pfedsam_nvflare.data.config import DataConfig, SyntheticConfig, resolve_root
-from pfedsam_nvflare.data.sites import load_site
+from pfedsam_nvflare.data import load_site
 from pfedsam_nvflare.model import ModelConfig
 from pfedsam_nvflare.training import LocalTrainer, TrainerConfig
 

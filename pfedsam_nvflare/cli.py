@@ -60,21 +60,81 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _site_files(pairs: list[str]) -> dict[str, str]:
-    files = {}
+def _pairs(pairs: list[str], option: str, form: str = "KEY=VALUE") -> dict[str, str]:
+    """``["a=1", "b=2"]`` as ``{"a": "1", "b": "2"}``; anything else is an error naming ``option``."""
+    settings = {}
     for pair in pairs:
-        site, separator, path = pair.partition("=")
-        if not separator or not site or not path:
-            raise ValueError(f"--privacy takes SITE=FILE, got {pair!r}")
-        files[site] = path
-    return files
+        key, separator, value = pair.partition("=")
+        if not separator or not key or not value:
+            raise ValueError(f"{option} takes {form}, got {pair!r}")
+        settings[key] = value
+    return settings
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from .flare.compare import Comparison, parse_value, plan_variants
+    from .flare.jobs import JOB_DATA, JOB_MODEL
+
+    ablate = {key: [parse_value(v) for v in values.split(",")] for key, values in _pairs(args.ablate, "--ablate").items()}
+    comparison = Comparison(
+        out=Path(args.out),
+        variants=plan_variants([m for m in args.methods.split(",") if m], ablate),
+        rounds=args.rounds,
+        data=JOB_DATA if args.data is None else replace(JOB_DATA, root=str(Path(args.data).resolve())),
+        model=replace(JOB_MODEL, backbone=args.backbone, checkpoint=args.checkpoint),
+        changes={key: parse_value(value) for key, value in _pairs(args.set, "--set").items()},
+        sites=args.sites.split(",") if args.sites else None,
+        resume=args.resume,
+    )
+    from .reports import comparison_markdown
+
+    result = comparison.run()
+    print(comparison_markdown(result))
+    print(f"written: {comparison.out / 'comparison.json'}, {comparison.out / 'comparison.md'}, {comparison.out / 'comparison.png'}")
+    return 0 if all(run["status"] == "completed" for run in result["methods"].values()) else 1
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .data.layout import Labels, find_cases
+    from .inference.keep import evaluate_model_file
+    from .model.kept import load_kept_model
+    from .reports import evaluation_table
+
+    kept = load_kept_model(args.model)
+    root = Path(args.data or kept.about.get("data_root") or "")
+    site = args.site or kept.about.get("site")
+    if not args.data and not kept.about.get("data_root"):
+        raise ValueError("the model file names no data root: pass --data")
+    if not site:
+        raise ValueError("the model file names no site: pass --site")
+    cases = {case.name: case for case in find_cases(root, site)}
+    split = kept.about.get("split", {})
+    names = sorted(cases) if args.split == "all" else split.get(args.split)
+    if names is None:
+        raise ValueError(f"the model file records no {args.split} cases; use --split all")
+    missing = [name for name in names if name not in cases]
+    if missing:
+        raise ValueError(f"{args.split} case(s) {', '.join(missing)} of the model file are not in {root / site}")
+    evaluation = evaluate_model_file(args.model, {args.split: [cases[name] for name in names]}, Labels.of_root(root))[
+        args.split
+    ]
+    print(evaluation_table(evaluation, f"{site}, {args.split} cases, model {args.model}"))
+    out = evaluation.write_csv(args.out or Path(args.model).with_name(f"{Path(args.model).stem}_{site}_{args.split}.csv"))
+    print(f"per-case scores: {out}")
+    return 0
 
 
 def _poc(args: argparse.Namespace) -> int:
     from .flare import poc
 
     if args.action == "prepare":
-        deployment = poc.prepare_poc(args.workspace, sites=args.sites, privacy=_site_files(args.privacy))
+        privacy = _pairs(args.privacy, "--privacy", "SITE=FILE")
+        deployment = poc.prepare_poc(args.workspace, sites=args.sites, privacy=privacy)
         print(f"POC deployment of {', '.join(deployment.sites)} ready in {deployment.kits}")
     elif args.action == "start":
         poc.start_poc(args.workspace)
@@ -128,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run the job on LiteMedSAM over generated sites in FLARE's simulator")
     demo.add_argument("--workspace", default="pfedsam_demo", help="simulator workspace root (default ./pfedsam_demo)")
-    demo.add_argument("--method", default="pfedsam", choices=["pfedsam", "pfedsam_nokd", "fedavg", "local", "fedsam"])
+    demo.add_argument(
+        "--method", default="pfedsam", help="pfedsam (default), pfedsam_nokd, fedavg, local, fedsam or ditto"
+    )
     demo.add_argument("--rounds", type=int, default=3)
     demo.add_argument("--dp", action="store_true", help="every site clips and noises its updates (the pfedsam_dp job)")
     demo.set_defaults(run=_demo)
@@ -153,6 +215,37 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--timeout", type=float, default=0, help="seconds to wait before aborting the job (0: no limit)")
     submit.set_defaults(run=_submit)
 
+    compare = commands.add_parser(
+        "compare", help="run methods (or ablations) side by side in FLARE's simulator and tabulate test results"
+    )
+    compare.add_argument("--data", help="data root (default: the job's generated sites)")
+    compare.add_argument("--methods", default="pfedsam,pfedsam_nokd,fedavg,local,fedsam,ditto", help="comma-separated")
+    compare.add_argument("--rounds", type=int, default=3)
+    compare.add_argument("--out", default="comparison", help="folder for comparison.json/.md/.png and the runs")
+    compare.add_argument("--backbone", default="lite_medsam", help="lite_medsam (default), tiny, vit_b, vit_l, vit_h")
+    compare.add_argument("--checkpoint", help="the backbone's checkpoint (required for vit_*)")
+    compare.add_argument("--sites", help="comma-separated site folders of the data root (default: all)")
+    compare.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="a ModelConfig or TrainerConfig setting for every run (repeatable), e.g. --set lr_global=1e-3",
+    )
+    compare.add_argument(
+        "--ablate", action="append", default=[], metavar="KEY=V1,V2",
+        help="one run per value of a setting and method, e.g. --ablate kd_direction=none,local_to_global",
+    )
+    compare.add_argument(
+        "--resume", action="store_true", help="keep the completed runs of an earlier comparison in --out, run the rest"
+    )
+    compare.set_defaults(run=_compare)
+
+    evaluate = commands.add_parser("evaluate", help="score a kept model file on a site's cases, per case and label")
+    evaluate.add_argument("--model", required=True, help="a site's personalized_model.pt")
+    evaluate.add_argument("--data", help="data root (default: the one the model was trained on)")
+    evaluate.add_argument("--site", help="site folder (default: the model's site)")
+    evaluate.add_argument("--split", default="test", choices=["test", "val", "train", "all"])
+    evaluate.add_argument("--out", help="CSV of per-case scores (default: beside the model)")
+    evaluate.set_defaults(run=_evaluate)
+
     export = commands.add_parser("export-jobs", help="write the job folders (the repository's jobs/)")
     export.add_argument("--out", default="jobs")
     export.set_defaults(run=_export_jobs)
@@ -166,12 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .data.sites import DataError
+    from .data.layout import DataError
     from .flare.poc import DeploymentError
+    from .model import CheckpointError
+    from .model.kept import KeptModelError
 
     try:
         return args.run(args)
-    except (DataError, DeploymentError, ValueError) as error:
+    except (DataError, DeploymentError, CheckpointError, KeptModelError, ValueError) as error:
         print(f"pfedsam {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -29,32 +29,80 @@ def _number(value: Any, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+FINAL_MODEL = "SRV_FL_global_model.pt"  # the final global partition, as GlobalModelEval names it
+
+
+def _score(report: dict[str, Any], path: str, metric: str, label: str) -> float | None:
+    return report.get("test", {}).get(path, {}).get(metric, {}).get(label)
+
+
 def results_table(metrics: dict[str, Any]) -> str:
-    """Per site: the untrained, personalized and final global Dice, the bytes sent per round and, where the site
-    applied differential privacy, the ε it spent."""
+    """Per site (and label, where there are several): test Dice and HD95 of the model the site keeps (the final
+    global partition with the site's own part) and of the final global model alone, the bytes sent per round and,
+    where the site applied differential privacy, the ε it spent."""
     rounds = metrics["rounds"]
-    first, last = rounds[0]["sites"], rounds[-1]["sites"]
-    final = metrics["final"].get("SRV_FL_global_model.pt", {})
+    last = rounds[-1]["sites"]
+    final = metrics["final"].get(FINAL_MODEL, {})
     spent = {
         site: update["privacy"]["epsilon"]
         for entry in rounds
         for site, update in entry.get("updates", {}).items()
         if "privacy" in update
     }
-    header = f"{'site':<8} {'untrained Dice':>14} {'personalized Dice':>17} {'final global Dice':>17} {'bytes sent/round':>16}"
+    labels = next((report["test"]["labels"] for report in final.values() if "test" in report), ["foreground"])
+    rows_of = labels if len(labels) == 1 else [*labels, "mean"]
+    header = (
+        f"{'site':<8} {'label':<12} {'test cases':>10} {'kept Dice':>9} {'global Dice':>11} {'kept HD95':>9} "
+        f"{'global HD95':>11} {'bytes sent/round':>16}"
+    )
     lines = [header + (f" {'DP ε spent':>10}" if spent else "")]
-    for site in sorted(last):
-        row = (
-            f"{site:<8} {_number(first.get(site, {}).get('global_dice')):>14} "
-            f"{_number(last[site].get('personalized_dice')):>17} {_number(final.get(site, {}).get('global_dice')):>17} "
-            f"{last[site]['bytes_sent']:>16,}"
-        )
-        lines.append(row + (f" {_number(spent.get(site), 2) if site in spent else 'no DP':>10}" if spent else ""))
+    for site in sorted(set(last) | set(final)):
+        report = final.get(site, {})
+        for label in rows_of:
+            row = (
+                f"{site:<8} {label:<12} {report.get('test', {}).get('cases', 0):>10} "
+                f"{_number(_score(report, 'personalized', 'dice', label)):>9} "
+                f"{_number(_score(report, 'global', 'dice', label)):>11} "
+                f"{_number(_score(report, 'personalized', 'hd95', label), 2):>9} "
+                f"{_number(_score(report, 'global', 'hd95', label), 2):>11} "
+                f"{last.get(site, {}).get('bytes_sent', 0):>16,}"
+            )
+            lines.append(row + (f" {_number(spent.get(site), 2) if site in spent else 'no DP':>10}" if spent else ""))
     lines.append(
-        f"untrained: the initial global model, before any training; personalized: after round {len(rounds)}; "
-        "final global: the last aggregated global model"
+        f"test cases only, each scored whole (every slice) in its own geometry; HD95 in mm. kept: the model the site "
+        f"keeps after {len(rounds)} rounds (the final global partition with the site's own part fitted to it, in "
+        "personalized_model.pt at the site); global: the final global partition alone"
     )
     return "\n".join(lines)
+
+
+def evaluation_table(evaluation: Any, title: str) -> str:
+    """Per case and label, Dice and HD95 of both paths of a kept model, then the means."""
+    labels, scores = evaluation.labels, evaluation.scores
+    paths = list(scores)
+    header = f"{'case':<24} {'label':<12}" + "".join(f" {p + ' Dice':>17} {p + ' HD95':>17}" for p in paths)
+    lines = [title, header]
+    cases = sorted(next(iter(scores.values())))
+    for case in cases:
+        for k, label in enumerate(labels):
+            cells = "".join(f" {scores[p][case]['dice'][k]:>17.3f} {scores[p][case]['hd95'][k]:>17.2f}" for p in paths)
+            lines.append(f"{case:<24} {label:<12}{cells}")
+    summary = evaluation.summary()
+    for label in [*labels, "mean"] if len(labels) > 1 else labels:
+        cells = "".join(
+            f" {_number(summary[p]['dice'][label]):>17} {_number(summary[p]['hd95'][label], 2):>17}" for p in paths
+        )
+        lines.append(f"{'mean of ' + str(len(cases)) + ' cases':<24} {label:<12}{cells}")
+    lines.append("Dice and HD95 per whole case (every slice), HD95 in mm (pixels for PNG)")
+    return "\n".join(lines)
+
+
+def _save(figure: Any, path: Path) -> Path:
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return path
 
 
 def site_series(metrics: dict[str, Any], key: str) -> dict[str, tuple[list[int], list[float]]]:
@@ -80,11 +128,7 @@ def plot_learning_curves(metrics: dict[str, Any], path: Path) -> Path:
         axis.grid(alpha=0.3)
     axes[0].legend()
     figure.suptitle(f"{metrics.get('job', 'pfedsam')}: method {metrics.get('method', '?')}")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
 
 
 def plot_overlays(
@@ -104,8 +148,88 @@ def plot_overlays(
         axis.set_title(captions[column], fontsize=8)
         axis.axis("off")
     figure.suptitle(f"{title} (green: truth, red: prediction)", fontsize=10)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
+
+
+def _completed(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {label: run for label, run in result["methods"].items() if run.get("status") == "completed"}
+
+
+def _site_cell(run: dict[str, Any], site: str, path: str, labels: list[str]) -> tuple[float | None, str]:
+    """The mean test Dice of a site's ``path`` model, and its cell: Dice (per label where there are several)."""
+    test = run["sites"][site]["test"][path]
+    mean = test["dice"]["mean"]
+    text = _number(mean)
+    if len(labels) > 1:
+        text += " (" + ", ".join(f"{label} {_number(test['dice'][label])}" for label in labels) + ")"
+    return mean, text
+
+
+def comparison_markdown(result: dict[str, Any]) -> str:
+    """The comparison as Markdown: per site × method the test Dice of the kept model and of the global model (the
+    best kept model of each site in bold), HD95, bytes and time; failed methods are listed with their reason."""
+    sites, labels = result["data"]["sites"], result["data"]["labels"]
+    runs = _completed(result)
+    lines = [
+        f"Data: {result['data']['root']} (sites {', '.join(sites)}; labels {', '.join(labels)}); "
+        f"{result['rounds']} rounds. Test cases only, each scored whole in its own geometry; the kept model is the "
+        "final global partition with the site's own part fitted to it.",
+        "",
+    ]
+    if runs:
+        methods = list(runs)
+        for path, title in (("personalized", "Test Dice of the kept model"), ("global", "Test Dice of the global model")):
+            lines += [f"**{title}**", "", "| site | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+            for site in sites:
+                cells = [_site_cell(runs[m], site, path, labels) for m in methods]
+                best = max((c[0] for c in cells if c[0] is not None), default=None)
+                row = [f"**{text}**" if value is not None and value == best else text for value, text in cells]
+                lines.append(f"| {site} | " + " | ".join(row) + " |")
+            means = [runs[m]["mean"][f"{path}_dice"] for m in methods]
+            lines += ["| mean over sites | " + " | ".join(_number(v) for v in means) + " |", ""]
+        lines += [
+            "**HD95 (mm, mean over sites and labels), bytes and time**",
+            "",
+            "| method | kept HD95 | global HD95 | bytes sent per site and round | bytes sent in all | wall time (min) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for method, run in runs.items():
+            mean = run["mean"]
+            lines.append(
+                f"| {method} | {_number(mean['personalized_hd95'], 2)} | {_number(mean['global_hd95'], 2)} | "
+                f"{int(mean['bytes_sent_per_round']):,} | {int(mean['bytes_sent_total']):,} | {run['wall_seconds'] / 60:.1f} |"
+            )
+    failed = {label: run for label, run in result["methods"].items() if run.get("status") != "completed"}
+    if failed:
+        lines += ["", "**Failed**", ""] + [f"- {label}: {run.get('error', 'unknown error')}" for label, run in failed.items()]
+    return "\n".join(lines)
+
+
+def plot_comparison(result: dict[str, Any], path: Path) -> Path:
+    """Left: per-site bars of the kept model's test Dice, one bar per method. Right: the per-round validation Dice
+    of the received global model, averaged over sites (training curves)."""
+    runs = _completed(result)
+    sites = result["data"]["sites"]
+    figure, (bars, curves) = plt.subplots(1, 2, figsize=(12, 5))
+    width = 0.8 / max(len(runs), 1)
+    for index, (method, run) in enumerate(runs.items()):
+        values = [run["sites"][site]["test"]["personalized"]["dice"]["mean"] or 0.0 for site in sites]
+        bars.bar([s + index * width for s in range(len(sites))], values, width, label=method)
+        series = [run["sites"][site]["curve"] for site in sites]
+        rounds = series[0]["round"] if series else []
+        averaged = [
+            sum(s["global_dice"][i] or 0.0 for s in series) / len(series) for i in range(min(len(s["round"]) for s in series))
+        ] if series else []
+        curves.plot(rounds[: len(averaged)], averaged, marker="o", label=method)
+    bars.set_xticks([s + 0.4 - width / 2 for s in range(len(sites))], sites)
+    bars.set_ylabel("test Dice")
+    bars.set_title("the model each site keeps, on its test cases", fontsize=10)
+    bars.set_ylim(0, 1)
+    bars.legend(fontsize=8)
+    curves.set_xlabel("round")
+    curves.set_ylabel("validation Dice (mean over sites)")
+    curves.set_title("received global model, per round", fontsize=10)
+    curves.xaxis.set_major_locator(MaxNLocator(integer=True))
+    curves.grid(alpha=0.3)
+    figure.suptitle(f"{len(sites)} sites, {result['rounds']} rounds", fontsize=11)
+    return _save(figure, path)

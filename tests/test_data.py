@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from pfedsam_nvflare.cli import main
-from pfedsam_nvflare.data import DataError, Labels, SliceOptions, load_site
+from pfedsam_nvflare.data import DataError, Labels, SiteSplit, SliceOptions, load_site
 from pfedsam_nvflare.data.checks import check_root
 from pfedsam_nvflare.data.converters import convert_fundus, convert_prostate
 from pfedsam_nvflare.data.synthetic import SITE_STYLES, make_sites
@@ -36,7 +36,9 @@ def test_generated_sites_train_with_the_core_trainer(generated, tmp_path):
     options = SliceOptions(image_size=64)
     for site in ("site-1", "site-2", "site-3"):
         data = load_site(generated, site, options, val_fraction=0.4, seed=1, split_file=tmp_path / site / "split.json")
-        assert not set(data.split.train_cases) & set(data.split.val_cases)
+        split = data.split
+        assert len(split.train_cases) == 2 and len(split.val_cases) == 2 and len(split.test_cases) == 1
+        assert sorted(split.train_cases + split.val_cases + split.test_cases) == [f"case{i:03d}" for i in range(1, 6)]
         assert set(data.train.cases) == set(data.split.train_cases) and set(data.val.cases) == set(data.split.val_cases)
         assert len(data.split.val_cases) == 2 and len(data.val) == 2 * 4  # two cases of four slices
         image, mask = data.train[0]
@@ -49,17 +51,34 @@ def test_generated_sites_train_with_the_core_trainer(generated, tmp_path):
     assert np.isfinite(trainer.validate()["personalized_dice"])
 
 
-def test_the_split_is_reused_and_checked(generated, tmp_path):
+def test_the_split_is_reused_and_a_changed_one_is_refused_with_what_changed(generated, tmp_path):
     split_file = tmp_path / "split.json"
     first = load_site(generated, "site-1", SliceOptions(image_size=32), seed=5, split_file=split_file)
-    again = load_site(generated, "site-1", SliceOptions(image_size=32), seed=99, split_file=split_file)
-    assert again.split == first.split  # the written split wins over a new seed
+    assert json.loads(split_file.read_text())["test_fraction"] == 0.2 and len(first.split.test_cases) == 1
+    again = load_site(generated, "site-1", SliceOptions(image_size=32), seed=5, split_file=split_file)
+    assert again.split == first.split
+    with pytest.raises(DataError, match="split.json: the split no longer matches .*seed was 5, is now 99"):
+        load_site(generated, "site-1", SliceOptions(image_size=32), seed=99, split_file=split_file)
+    with pytest.raises(DataError, match="test_fraction was 0.2, is now 0.4"):
+        load_site(generated, "site-1", SliceOptions(image_size=32), seed=5, test_fraction=0.4, split_file=split_file)
     changed = tmp_path / "changed"
     shutil.copytree(generated, changed)
     for folder in ("images", "masks"):
         (changed / "site-1" / folder / "case005.nii.gz").unlink()
-    with pytest.raises(DataError, match="split.json: the split does not name the cases of site site-1"):
-        load_site(changed, "site-1", SliceOptions(image_size=32), split_file=split_file)
+    with pytest.raises(DataError, match="cases removed: case005"):
+        load_site(changed, "site-1", SliceOptions(image_size=32), seed=5, split_file=split_file)
+
+
+def test_the_three_way_split_is_by_case_deterministic_and_needs_enough_cases():
+    cases = [f"c{i}" for i in range(10)]
+    split = SiteSplit.of("a", cases, val_fraction=0.1, test_fraction=0.2, seed=0)
+    assert (len(split.train_cases), len(split.val_cases), len(split.test_cases)) == (7, 1, 2)
+    assert split == SiteSplit.of("a", list(reversed(cases)), val_fraction=0.1, test_fraction=0.2, seed=0)
+    assert split != SiteSplit.of("a", cases, val_fraction=0.1, test_fraction=0.2, seed=1)
+    five = SiteSplit.of("a", cases[:5], val_fraction=0.1, test_fraction=0.2, seed=0)
+    assert (len(five.train_cases), len(five.val_cases), len(five.test_cases)) == (3, 1, 1)
+    with pytest.raises(DataError, match=r"site a has 2 case\(s\); .* needs at least 3"):
+        SiteSplit.of("a", cases[:2], val_fraction=0.1, test_fraction=0.2, seed=0)
 
 
 def test_make_data_is_byte_identical(tmp_path):
@@ -89,7 +108,7 @@ def test_sites_differ_as_documented(generated):
 def test_png_format_with_nested_labels(tmp_path):
     make_sites(tmp_path, sites=1, cases=3, size=40, seed=0, fmt="png", labels=2)
     assert Labels.of_root(tmp_path) == Labels(("outer", "inner"), nested=True)
-    data = load_site(tmp_path, "site-1", SliceOptions(image_size=32), val_fraction=0.34)
+    data = load_site(tmp_path, "site-1", SliceOptions(image_size=32), val_fraction=0.34, test_fraction=0)
     image, mask = data.train[0]
     assert image.shape == (1, 32, 32) and mask.shape == (2, 32, 32)
     assert mask[1].sum() > 0 and bool((mask[1] <= mask[0]).all())  # the inner label lies within the outer one
@@ -105,11 +124,11 @@ def test_slicing_axis_and_empty_slice_fraction(tmp_path):
     for case in ("a", "b"):
         nib.save(nib.Nifti1Image(volume, np.eye(4)), root / "s" / "images" / f"{case}.nii")
         nib.save(nib.Nifti1Image(labels, np.eye(4)), root / "s" / "masks" / f"{case}.nii")
-    data = load_site(root, "s", SliceOptions(image_size=16), val_fraction=0.5)
+    data = load_site(root, "s", SliceOptions(image_size=16), val_fraction=0.5, test_fraction=0)
     assert len(data.train) == len(data.val) == 10
-    sideways = load_site(root, "s", SliceOptions(image_size=16, axis=0), val_fraction=0.5)
+    sideways = load_site(root, "s", SliceOptions(image_size=16, axis=0), val_fraction=0.5, test_fraction=0)
     assert len(sideways.train) == 20
-    fewer = load_site(root, "s", SliceOptions(image_size=16, empty_slice_fraction=0.25), val_fraction=0.5)
+    fewer = load_site(root, "s", SliceOptions(image_size=16, empty_slice_fraction=0.25), val_fraction=0.5, test_fraction=0)
     assert len(fewer.train) == 2 + 2  # both foreground slices and a quarter of the eight empty ones
     assert sum(bool(mask.any()) for _, mask in fewer.train) == 2
 
@@ -123,7 +142,7 @@ def test_nrrd_files_are_read(tmp_path):
         labels[3:8, 3:8] = 1
         nrrd.write(str(tmp_path / "s" / "images" / f"{case}.nrrd"), np.random.default_rng(1).random((12, 12, 3)), header)
         nrrd.write(str(tmp_path / "s" / "masks" / f"{case}.nrrd"), labels, header)
-    data = load_site(tmp_path, "s", SliceOptions(image_size=16), val_fraction=0.5)
+    data = load_site(tmp_path, "s", SliceOptions(image_size=16), val_fraction=0.5, test_fraction=0)
     assert len(data.train) == 3 and data.train[0][1].sum() > 0
 
 
@@ -171,7 +190,7 @@ def test_fundus_converter(tmp_path):
     out = tmp_path / "sites"
     assert convert_fundus(source, out) == {"Domain1": 2, "Domain2": 2}
     assert sorted(p.name for p in (out / "Domain1" / "images").iterdir()) == ["test_ROIs_n001.png", "train_ROIs_n001.png"]
-    data = load_site(out, "Domain1", SliceOptions(image_size=24), val_fraction=0.5)
+    data = load_site(out, "Domain1", SliceOptions(image_size=24), val_fraction=0.5, test_fraction=0)
     image, mask = data.train[0]
     assert image.shape == (3, 24, 24) and mask.shape == (2, 24, 24)
     assert int(mask[0].sum()) == 144 and int(mask[1].sum()) == 36  # disc includes the cup
@@ -230,7 +249,7 @@ def test_bad_data_is_named_by_the_loader_and_by_check_data(tmp_path, problem, ca
 
             list_sites(root)
         else:
-            load_site(root, site, SliceOptions(image_size=32), val_fraction=0.5)
+            load_site(root, site, SliceOptions(image_size=32), val_fraction=0.5, test_fraction=0)
     assert main(["check-data", str(root)]) == 1
     printed = capsys.readouterr().out
     assert expected in printed and "problem(s):" in printed

@@ -14,6 +14,7 @@ from tiny_job import MODEL, export_tiny_job
 
 from pfedsam_nvflare.flare.settings import model_config_for, reference
 from pfedsam_nvflare.flare.site_policy import PACKAGE_PREFIX, allow_pfedsam, allow_pfedsam_in
+from pfedsam_nvflare.reports import results_table
 
 TESTS = Path(__file__).parent
 SITES = ["site-1", "site-2", "site-3"]
@@ -68,6 +69,8 @@ def test_each_site_keeps_its_local_partition(run):
         local_states.append(state["local"])
         split = json.loads((folder / "split.json").read_text())
         assert split["site"] == site and not set(split["train_cases"]) & set(split["val_cases"])
+        assert split["test_cases"] and not set(split["test_cases"]) & set(split["train_cases"] + split["val_cases"])
+        assert (folder / "personalized_model.pt").exists() and (folder / "best_personalized_model.pt").exists()
         with Image.open(folder / "overlays.png") as image:
             assert image.size[0] > 100
     key = partition.local_keys[0]
@@ -86,7 +89,18 @@ def test_the_metrics_file_has_every_site_for_every_round(run):
                 assert key in values, key
             assert values["bytes_sent"] == 4 * reference(model_config_for(MODEL.to_dict(), "pfedsam")).partition.num_values("global")
         assert entry["seconds"] > 0
-    assert sorted(metrics["final"]["SRV_FL_global_model.pt"]) == SITES
+    final = metrics["final"]["SRV_FL_global_model.pt"]
+    assert sorted(final) == SITES
+    for site in SITES:
+        assert final[site]["model_file"] == "personalized_model.pt" and final[site]["test"]["cases"] == 1
+        assert set(final[site]["test"]["personalized"]["dice"]) == {"foreground", "mean"}
+    table = results_table(metrics).splitlines()
+    assert table[0].split()[:5] == ["site", "label", "test", "cases", "kept"]
+    for site in SITES:  # the end-of-run table: test Dice of the kept model and of the global model per site
+        row = next(line.split() for line in table if line.startswith(site))
+        kept, global_ = float(row[3]), float(row[4])
+        assert kept == pytest.approx(final[site]["test"]["personalized"]["dice"]["mean"], abs=1e-3)
+        assert global_ == pytest.approx(final[site]["test"]["global"]["dice"]["mean"], abs=1e-3)
     with Image.open(server / "learning_curves.png") as image:
         assert image.size[0] > 500
     assert sorted(p.name for p in (server / "tb_events").iterdir()) == SITES

@@ -1,9 +1,10 @@
 import math
 
+import pytest
 import torch
 
 from pfedsam_nvflare.training.losses import SegmentationLoss, distillation_loss
-from pfedsam_nvflare.training.metrics import SegmentationScores
+from pfedsam_nvflare.training.metrics import SegmentationScores, case_scores
 
 
 def test_distillation_is_zero_for_agreement_and_positive_otherwise():
@@ -40,3 +41,19 @@ def test_scores_of_known_masks():
     result = scores.result()
     assert math.isclose(result["dice"], (0.9 + 0.0) / 2, abs_tol=1e-6)
     assert math.isclose(result["hd95"], (1.0 + math.hypot(32, 32)) / 2, abs_tol=1e-4)
+
+
+def test_case_scores_are_per_label_over_the_whole_case_in_the_files_units():
+    truth = torch.zeros(2, 10, 10, 4)
+    truth[0, 2:6, 2:6, 1:3] = 1  # label 1 in two of four slices; label 2 absent from the case
+    prediction = truth.clone()
+    prediction[0, 2:6, 2:6, 3] = 1  # a false positive on a slice without the structure counts
+    dice, hd95 = case_scores(prediction, truth, spacing=(0.5, 0.5, 3.0))
+    assert dice[0] == pytest.approx(2 * 32 / (48 + 32)) and dice[1] == 1.0  # absent and not predicted: perfect
+    assert hd95[0] == pytest.approx(3.0) and hd95[1] == 0.0  # one slice too far: 3 mm along the slice axis
+    missed = torch.zeros_like(truth)
+    dice, hd95 = case_scores(missed, truth, spacing=(0.5, 0.5, 3.0))
+    assert dice[0] == 0.0 and hd95[0] == pytest.approx(math.hypot(5, 5, 12))  # the case's diagonal in mm
+    spurious = truth.clone()
+    spurious[1, 0, 0, 0] = 1  # label 2 predicted where the case has none
+    assert case_scores(spurious, truth, spacing=(1, 1, 1))[0][1] == 0.0

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pfedsam_nvflare.model import ModelConfig, PFedSAM, build_backbone, build_pfedsam
+from pfedsam_nvflare.model import ModelConfig, Partition, PFedSAM, build_backbone, build_pfedsam
 from pfedsam_nvflare.model.adapters import AdaptedLinear, ExpertMixture
 
 
@@ -119,3 +119,23 @@ def test_backbone_batch_norm_stays_frozen_in_training_mode():
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms and not any(m.training for m in norms)
     assert model.sam.mask_decoder.training
+
+
+def test_decoder_experts_are_local_and_switched_off_on_the_global_path():
+    model = build_pfedsam(ModelConfig(backbone="tiny", decoder="lora", decoder_experts=True))
+    partition = Partition.of(model)
+    decoder_local = [k for k in partition.local_keys if k.startswith("sam.mask_decoder.")]
+    assert decoder_local and all(".experts." in k for k in decoder_local)
+    assert not any(".experts." in k for k in partition.global_keys)
+    for module in model.modules():
+        if isinstance(module, ExpertMixture):
+            module.up.data.normal_()
+    images = torch.rand(1, 3, 64, 64)
+    with torch.no_grad(), model.global_only():
+        global_only = model(images)
+    plain = build_pfedsam(ModelConfig(backbone="tiny", decoder="lora", num_experts=0))
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if ".experts." not in k})
+    with torch.no_grad():
+        torch.testing.assert_close(global_only, plain(images), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="decoder_experts needs decoder='lora'"):
+        ModelConfig(backbone="tiny", decoder="full", decoder_experts=True)

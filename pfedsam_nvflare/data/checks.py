@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .sites import DataError, Labels, find_cases, list_sites, read_case
+from .layout import DataError, Labels, find_cases, list_sites
+from .reading import read_case
 
 
 @dataclass
@@ -73,11 +74,11 @@ def check_root(root: str | Path, axis: int = 2) -> tuple[list[SiteSummary], list
             continue
         for case in cases:
             try:
-                image, label_map = read_case(case, labels)
+                data = read_case(case, labels)
             except DataError as error:
                 problems.append(str(error))
                 continue
-            summary.add(image, label_map, axis)
+            summary.add(data.image, data.label_map, axis)
     return summaries, problems
 
 

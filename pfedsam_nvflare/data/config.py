@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .sites import SliceOptions
+from .preprocess import SliceOptions
 from .synthetic import make_sites
 
 logger = logging.getLogger(__name__)
@@ -40,10 +40,13 @@ class SyntheticConfig:
 @dataclass(frozen=True)
 class DataConfig:
     """``root``: the data root (``root/<site>/images``, ``root/<site>/masks``); ``None`` means the synthetic
-    sites of ``synthetic``. ``axis``, ``empty_slice_fraction`` and ``clip_percentiles`` as ``SliceOptions``."""
+    sites of ``synthetic``. ``val_fraction`` and ``test_fraction``: the shares of each site's cases that validate
+    and that are kept for the final test (at least one case each). ``axis``, ``empty_slice_fraction`` and
+    ``clip_percentiles`` as ``SliceOptions``."""
 
     root: str | None = None
-    val_fraction: float = 0.2
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
     seed: int = 0
     axis: int = 2
     empty_slice_fraction: float = 1.0

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
-from .sites import DataError, Labels
+from .layout import DataError, Labels
 
 PROSTATE_SITES = ("BIDMC", "HK", "I2CVB", "ISBI", "ISBI_1.5", "UCL")
 _PROSTATE_IMAGE = re.compile(r"^(case\d+)\.nii\.gz$", re.IGNORECASE)

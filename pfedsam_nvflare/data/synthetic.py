@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from .sites import Labels
+from .layout import Labels
 
 FORMATS = {"nifti": ".nii.gz", "png": ".png"}
 SITES_FILE = "sites.json"

@@ -26,7 +26,8 @@ def summary(metrics: dict[str, Any], job_dir: Path) -> str:
     lines.append(f"learning curves: {server / 'learning_curves.png'}")
     lines.append(f"TensorBoard:     tensorboard --logdir {server / 'tb_events'}")
     for site in sorted(metrics["rounds"][-1]["sites"]):
-        lines.append(f"overlays {site}: {job_dir / site / 'simulate_job' / 'pfedsam' / 'overlays.png'}")
+        folder = job_dir / site / "simulate_job" / "pfedsam"
+        lines.append(f"{site}: kept model {folder / 'personalized_model.pt'}, overlays {folder / 'overlays.png'}")
     return "\n".join(lines)
 
 

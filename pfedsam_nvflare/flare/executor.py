@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,13 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
 from ..data.config import DataConfig, resolve_root
+from ..data.preprocess import SliceOptions
 from ..data.sites import SiteData, load_site
+from ..data.splits import SPLITS
+from ..inference import Evaluation
+from ..inference.keep import evaluate_model_file, keep_model
 from ..model import ModelConfig, PartitionError
+from ..model.kept import KeptModel
 from ..model.backbones import INPUT_SIZES
 from ..model.partition import GLOBAL
 from ..reports import plot_overlays
@@ -27,12 +33,31 @@ from ..training import LocalTrainer, TrainerConfig, TrainingAborted
 from ..training.samples import boxes_from_masks
 from .settings import METRICS_META_KEY
 
-SITE_FOLDER = "pfedsam"  # in the site's run directory: site_state.pt, split.json, overlays.png
+SITE_FOLDER = "pfedsam"  # in the site's run directory: site_state.pt, split.json, overlays.png, kept models
 
 
-def finite_or_none(metrics: dict[str, float]) -> dict[str, float | None]:
-    """Metrics fit for JSON: NaN (nothing to measure, e.g. no foreground) becomes None."""
-    return {key: (None if isinstance(v, float) and not math.isfinite(v) else v) for key, v in metrics.items()}
+def finite_or_none(metrics: Any) -> Any:
+    """Metrics fit for JSON: NaN (nothing to measure, e.g. no foreground) becomes None, in nested dicts too."""
+    if isinstance(metrics, dict):
+        return {key: finite_or_none(value) for key, value in metrics.items()}
+    return None if isinstance(metrics, float) and not math.isfinite(metrics) else metrics
+
+
+def kept_model_file(model_owner: str) -> str:
+    """The site's file for the model it keeps with a server model: ``SRV_FL_global_model.pt`` gives
+    ``personalized_model.pt``, ``SRV_best_FL_global_model.pt`` gives ``best_personalized_model.pt``."""
+    name = model_owner.removeprefix("SRV_").replace("FL_global_model", "personalized_model")
+    return name if name.endswith(".pt") else f"{name}.pt"
+
+
+def _digest(arrays: dict[str, np.ndarray]) -> str:
+    """A fingerprint of a received partition: equal arrays under equal keys, equal digest."""
+    digest = hashlib.sha256()
+    for key in sorted(arrays):
+        value = np.ascontiguousarray(arrays[key])
+        digest.update(f"{key}:{value.dtype}:{value.shape}".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 def _nbytes(arrays: dict[str, Any]) -> int:
@@ -47,6 +72,11 @@ class PFedSAMExecutor(Executor):
         trainer: ``TrainerConfig`` settings (a dict), the method among them.
         data: ``DataConfig`` settings (a dict); without a ``root`` the default synthetic sites are used.
         num_overlays: validation images drawn with predicted and true masks at the end of the run.
+
+    A ``validate`` task that names a server model (``GlobalModelEval`` at the end of a job) is the site's final
+    evaluation: the site keeps that global partition with its own part fitted to it (one more local phase), writes
+    the kept model to ``<run dir>/pfedsam/<kept_model_file>``, scores it per case on its validation and test
+    cases and returns the means. Per-case scores stay at the site in a CSV beside the model.
     """
 
     def __init__(
@@ -71,6 +101,9 @@ class PFedSAMExecutor(Executor):
         self._site_data: SiteData | None = None
         self._site_dir: Path | None = None
         self._analytics = None
+        self._options: SliceOptions | None = None
+        self._kept: dict[str, tuple[KeptModel, dict[str, Evaluation]]] = {}  # by digest of the global partition
+        self._root: Path | None = None
 
     # --- run lifecycle ---
 
@@ -90,11 +123,14 @@ class PFedSAMExecutor(Executor):
             self._site_dir = run_dir / SITE_FOLDER
             root = resolve_root(data_config)
             self.log_info(fl_ctx, f"{site}: reading data from {root}")
+            self._options = data_config.slice_options(INPUT_SIZES[model_config.backbone])
+            self._root = root
             self._site_data = load_site(
                 root,
                 site,
-                data_config.slice_options(INPUT_SIZES[model_config.backbone]),
+                self._options,
                 val_fraction=data_config.val_fraction,
+                test_fraction=data_config.test_fraction,
                 seed=data_config.seed,
                 split_file=self._site_dir / "split.json",
             )
@@ -109,7 +145,7 @@ class PFedSAMExecutor(Executor):
         self.log_info(
             fl_ctx,
             f"{site}: method {trainer_config.method}, {len(self._site_data.train)} training and "
-            f"{len(self._site_data.val)} validation slices; global partition {partition.num_values(GLOBAL):,} values, "
+            f"{len(self._site_data.val)} validation slices, {len(self._site_data.split.test_cases)} test cases; global partition {partition.num_values(GLOBAL):,} values, "
             f"local partition {partition.num_values('local'):,} values (never sent); state in {self._site_dir}",
         )
 
@@ -200,9 +236,49 @@ class PFedSAMExecutor(Executor):
         received = self._received_global(shareable, fl_ctx)
         if received is None:
             return make_reply(ReturnCode.BAD_TASK_DATA)
+        model_owner = shareable.get_header(AppConstants.MODEL_OWNER)
+        if model_owner:
+            return self._final_evaluation(str(model_owner), received, fl_ctx)
         metrics = self._trainer.validate(received)
         self.log_info(fl_ctx, f"validation: {', '.join(f'{k} {v:.4g}' for k, v in metrics.items())}")
         return DXO(DataKind.METRICS, finite_or_none(metrics)).to_shareable()
+
+    def _final_evaluation(self, model_owner: str, received: dict[str, np.ndarray], fl_ctx: FLContext) -> Shareable:
+        """Keep ``received`` with this site's own part fitted to it, write the model file, score it from the file.
+        A global partition equal to one kept before (the best model is often the last) is kept the same way
+        without computing it again: the local phase is seeded, so the result would be identical."""
+        assert self._site_data is not None and self._site_dir is not None and self._options is not None
+        site = fl_ctx.get_identity_name()
+        split = self._site_data.split
+        digest = _digest(received)
+        about = {
+            "site": site, "job": fl_ctx.get_job_id(), "global_model": model_owner, "data_root": str(self._root),
+            "split": {name: split.cases(name) for name in SPLITS},
+        }
+        if digest in self._kept:
+            kept, scores = self._kept[digest]
+            kept.about = {**kept.about, **about}
+            self.log_info(fl_ctx, f"{site}: {model_owner} equals a global model already kept; reusing its evaluation")
+        else:
+            self.log_info(fl_ctx, f"{site}: final evaluation of {model_owner}: fitting the site's own part to it")
+            kept = keep_model(self._trainer, received, self._site_data.labels, self._options, about=about)
+            scores = None
+        path = kept.save(self._site_dir / kept_model_file(model_owner))
+        if scores is None:
+            case_sets = {name: self._site_data.split_cases(name) for name in ("val", "test")}
+            scores = evaluate_model_file(path, case_sets, self._site_data.labels)
+            self._kept[digest] = kept, scores
+        report: dict[str, Any] = {"model_file": path.name, "rounds_done": kept.about["rounds_done"]}
+        for name, evaluation in scores.items():
+            evaluation.write_csv(path.with_name(f"{path.stem}_{name}_cases.csv"))
+            report[name] = evaluation.summary()
+        test = report["test"]
+        self.log_info(
+            fl_ctx,
+            f"{site}: kept model {path}: test Dice personalized {test['personalized']['dice']['mean']:.3f}, "
+            f"global {test['global']['dice']['mean']:.3f} over {test['cases']} cases",
+        )
+        return DXO(DataKind.METRICS, finite_or_none(report)).to_shareable()
 
     def _stream(self, metrics: dict[str, float], current_round: int) -> None:
         """Training curves to the server's TensorBoard through FLARE's analytics streaming."""

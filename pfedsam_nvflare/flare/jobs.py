@@ -13,15 +13,20 @@ from ..training import TrainerConfig
 from .privacy import GaussianPrivacy
 from .recipe import PFedSAMRecipe
 
-JOB_METHODS = ("pfedsam", "fedavg", "local", "fedsam")
+JOB_METHODS = ("pfedsam", "fedavg", "local", "fedsam", "ditto")
 DP_JOB = "pfedsam_dp"
 JOB_MODEL = ModelConfig(backbone="lite_medsam", adapted_blocks=2, decoder="lora")
 JOB_TRAINER = TrainerConfig(lr_global=3e-3, lr_local=3e-3, batch_size=2)
 FULL_FINETUNE_LR = 1e-4  # fedsam trains every SAM weight: an adapter's learning rate would wreck it
-JOB_DATA = DataConfig(synthetic=SyntheticConfig(sites=3, cases=5, size=128, depth=4))
+JOB_DATA = DataConfig(synthetic=SyntheticConfig(sites=3, cases=6, size=128, depth=4))  # 4 train, 1 val, 1 test
 JOB_ROUNDS = 3
 # Client-level DP for the pfedsam_dp job: ε at δ=1e-5 is 9.01 after its three rounds, under the budget of 10.
 JOB_PRIVACY = {"clip_norm": 0.01, "noise_multiplier": 1.0, "delta": 1e-5, "max_epsilon": 10.0}
+
+
+def job_trainer(method: str) -> TrainerConfig:
+    """The job's training settings for ``method``: ``fedsam`` trains every SAM weight, at its own learning rate."""
+    return replace(JOB_TRAINER, lr_global=FULL_FINETUNE_LR) if method == "fedsam" else JOB_TRAINER
 
 
 def job_recipe(
@@ -29,15 +34,19 @@ def job_recipe(
     *,
     num_rounds: int = JOB_ROUNDS,
     model: ModelConfig = JOB_MODEL,
+    trainer: TrainerConfig | None = None,
     data: DataConfig = JOB_DATA,
+    min_clients: int = 3,
+    name: str | None = None,
     privacy: dict | None = None,
 ) -> PFedSAMRecipe:
-    """The job of ``method``; with ``privacy`` (``GaussianPrivacy``'s arguments) it is ``<method>_dp``, whose
-    sites clip and noise every update they send."""
-    trainer = replace(JOB_TRAINER, lr_global=FULL_FINETUNE_LR) if method == "fedsam" else JOB_TRAINER
-    name = f"{method}_dp" if privacy else method
+    """The job of ``method`` (with ``job_trainer(method)`` unless ``trainer`` is given); with ``privacy``
+    (``GaussianPrivacy``'s arguments) it is ``<method>_dp``, whose sites clip and noise every update they send."""
+    trainer = trainer or job_trainer(method)
+    name = name or (f"{method}_dp" if privacy else method)
     recipe = PFedSAMRecipe(
-        name=name, min_clients=3, num_rounds=num_rounds, method=method, model=model, trainer=trainer, data=data
+        name=name, min_clients=min_clients, num_rounds=num_rounds, method=method, model=model, trainer=trainer,
+        data=data,
     )
     if privacy:  # after the partition filter: what is clipped and noised is exactly what is sent
         recipe.add_weights_output_filter(GaussianPrivacy(**privacy))

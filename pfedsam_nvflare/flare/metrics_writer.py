@@ -19,7 +19,7 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.widgets.widget import Widget
 
 from ..reports import plot_learning_curves
-from ..training.site_state import atomic_write_text
+from ..atomic import atomic_write_text
 from .privacy import l2_norm
 from .settings import METRICS_META_KEY, PRIVACY_META_KEY
 

@@ -17,7 +17,7 @@ from nvflare.app_common.app_constant import AppConstants, DefaultCheckpointFileN
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.model_desc import ModelDescriptor
 
-from ..training.site_state import atomic_save
+from ..atomic import atomic_save
 from .settings import model_config_for, reference
 
 

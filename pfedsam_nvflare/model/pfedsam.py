@@ -28,6 +28,7 @@ class ModelConfig:
     ``num_experts = 0`` removes the L-MoE (FedAvg with LoRA); ``full_finetune`` trains every SAM weight and
     adds no adapters (the FedSAM baseline). ``adapted_blocks`` adapts only that many of the last encoder
     attention blocks (all when ``None``); everything before them is frozen and can be cached.
+    ``decoder_experts`` puts L-MoE experts beside the decoder's LoRA too (``decoder="lora"`` only).
     """
 
     backbone: str = "lite_medsam"
@@ -42,6 +43,7 @@ class ModelConfig:
     expert_alpha: float = 4.0
     top_k: int | None = None
     adapted_blocks: int | None = None
+    decoder_experts: bool = False
     full_finetune: bool = False
     seed: int = 0
 
@@ -56,6 +58,10 @@ class ModelConfig:
             raise ValueError(f"num_labels must be at least 1, got {self.num_labels}")
         if self.num_experts < 0:
             raise ValueError(f"num_experts must be 0 (no L-MoE) or more, got {self.num_experts}")
+        if self.num_experts and self.top_k is not None and not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k must be between 1 and num_experts={self.num_experts}, got {self.top_k}")
+        if self.decoder_experts and self.decoder != "lora":
+            raise ValueError(f"decoder_experts needs decoder='lora', got decoder={self.decoder!r}")
         if self.adapted_blocks is not None and self.adapted_blocks < 1:
             raise ValueError(f"adapted_blocks must be at least 1 or None (all), got {self.adapted_blocks}")
 
@@ -90,7 +96,7 @@ class PFedSAM(nn.Module):
             torch.manual_seed(config.seed)
             self.adapted = [] if config.full_finetune else self._adapt_encoder()
             if config.decoder == "lora" and not config.full_finetune:
-                self._adapt_decoder()
+                self.adapted += self._adapt_decoder()
         self._steps = encoder_steps(self.sam.image_encoder)  # a plain list: the steps' weights belong to self.sam
         trainable = [*self.global_parameters(), *self.local_parameters()]
         self.requires_grad_(False)
@@ -108,27 +114,30 @@ class PFedSAM(nn.Module):
                     "attention blocks"
                 )
             attentions = attentions[-self.config.adapted_blocks :]
-        cfg = self.config
         for attention in attentions:
-            qkv = attention.qkv
-            experts = None
-            if cfg.num_experts:
-                experts = ExpertMixture(
-                    qkv.in_features, qkv.out_features, cfg.num_experts, cfg.expert_rank, cfg.expert_alpha, cfg.top_k
-                )
-            adapter = LowRankAdapter(qkv.in_features, qkv.out_features, cfg.lora_rank, cfg.lora_alpha)
-            attention.qkv = AdaptedLinear(qkv, adapter, experts)
+            attention.qkv = self._adapted(attention.qkv, with_experts=True)
         return [attention.qkv for attention in attentions]
 
-    def _adapt_decoder(self) -> None:
+    def _adapted(self, linear: nn.Linear, with_experts: bool) -> AdaptedLinear:
+        """``linear`` with a global LoRA and, where asked and the model has an L-MoE, local experts."""
+        cfg = self.config
+        experts = None
+        if with_experts and cfg.num_experts:
+            experts = ExpertMixture(
+                linear.in_features, linear.out_features, cfg.num_experts, cfg.expert_rank, cfg.expert_alpha, cfg.top_k
+            )
+        adapter = LowRankAdapter(linear.in_features, linear.out_features, cfg.lora_rank, cfg.lora_alpha)
+        return AdaptedLinear(linear, adapter, experts)
+
+    def _adapt_decoder(self) -> list[AdaptedLinear]:
+        adapted = []
         for module in list(self.sam.mask_decoder.transformer.modules()):
             for name in DECODER_LINEAR_NAMES:
                 linear = getattr(module, name, None)
                 if isinstance(linear, nn.Linear):
-                    adapter = LowRankAdapter(
-                        linear.in_features, linear.out_features, self.config.lora_rank, self.config.lora_alpha
-                    )
-                    setattr(module, name, AdaptedLinear(linear, adapter, None))
+                    setattr(module, name, self._adapted(linear, with_experts=self.config.decoder_experts))
+                    adapted.append(getattr(module, name))
+        return adapted
 
     # --- the partition's two trainable sets (named by ``Partition``) ---
 

@@ -1,4 +1,8 @@
-"""The methods compared in this package: one trainer, switched by these presets."""
+"""The methods compared in this package: one trainer, switched by these presets.
+
+Every method makes the same number of optimiser steps per round: a method without a local phase gives the
+local phase's epochs to its global phase.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,22 @@ from dataclasses import dataclass, replace
 
 from ..model import ModelConfig
 
+LOCAL_PHASES = ("experts", "personal")
+
 
 @dataclass(frozen=True)
 class Method:
+    """``local_phase``: what a site trains for itself before (or after) the global phase: ``experts`` (the L-MoE),
+    ``personal`` (Ditto: a personal copy of the global partition, pulled toward the received one), or ``None``."""
+
     name: str
-    experts: bool  # the L-MoE local partition exists
+    local_phase: str | None
     full_finetune: bool  # every SAM weight is trained and shared, no adapters
     aggregate: bool  # the site takes the server's global partition every round
+
+    @property
+    def experts(self) -> bool:
+        return self.local_phase == "experts"
 
     def model_config(self, base: ModelConfig) -> ModelConfig:
         if self.full_finetune:
@@ -23,12 +36,17 @@ class Method:
             raise ValueError(f"method {self.name!r} needs num_experts >= 1")
         return base
 
+    def global_epochs(self, local_epochs: int, global_epochs: int) -> int:
+        """Epochs of the global phase: a method without a local phase spends the local phase's steps there."""
+        return global_epochs if self.local_phase else global_epochs + local_epochs
+
 
 METHODS = {
-    "pfedsam": Method("pfedsam", experts=True, full_finetune=False, aggregate=True),
-    "fedavg": Method("fedavg", experts=False, full_finetune=False, aggregate=True),
-    "local": Method("local", experts=True, full_finetune=False, aggregate=False),
-    "fedsam": Method("fedsam", experts=False, full_finetune=True, aggregate=True),
+    "pfedsam": Method("pfedsam", local_phase="experts", full_finetune=False, aggregate=True),
+    "fedavg": Method("fedavg", local_phase=None, full_finetune=False, aggregate=True),
+    "local": Method("local", local_phase="experts", full_finetune=False, aggregate=False),
+    "fedsam": Method("fedsam", local_phase=None, full_finetune=True, aggregate=True),
+    "ditto": Method("ditto", local_phase="personal", full_finetune=False, aggregate=True),
 }
 
 

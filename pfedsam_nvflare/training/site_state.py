@@ -3,12 +3,12 @@ atomically so that a crash never leaves half a file, and read back all-or-nothin
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from collections.abc import Callable
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
+
+from ..atomic import atomic_save
 
 STATE_FILE = "site_state.pt"
 STATE_FORMAT = 1
@@ -16,33 +16,6 @@ STATE_FORMAT = 1
 
 class SiteStateError(RuntimeError):
     """The site's saved state is unreadable or belongs to another configuration."""
-
-
-def _atomic_write(target: Path, write: Callable[[BinaryIO], None]) -> Path:
-    """``write`` into a temporary file, flushed to disk, then renamed over ``target``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(target.name + ".tmp")
-    with temporary.open("wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, target)
-    directory = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-    return target
-
-
-def atomic_save(payload: Any, target: Path) -> Path:
-    """``torch.save`` ``payload`` to ``target`` atomically."""
-    return _atomic_write(target, lambda handle: torch.save(payload, handle))
-
-
-def atomic_write_text(text: str, target: Path) -> Path:
-    """Write ``text`` (UTF-8) to ``target`` atomically."""
-    return _atomic_write(target, lambda handle: handle.write(text.encode()))
 
 
 def save_site_state(site_dir: Path, state: dict[str, Any]) -> Path:

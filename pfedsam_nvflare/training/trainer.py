@@ -1,8 +1,9 @@
 """One site's training: one call of ``LocalTrainer.run_round`` is one federated round.
 
-Round: load the received global partition (strictly) → local phase (experts and routers learn, the global
-partition is frozen) → global phase (the global partition learns, experts are frozen, with teacher-student
-distillation) → return the global partition's difference. The local partition stays in the site directory.
+Round: load the received global partition (strictly) → local phase (the site's own part learns: the L-MoE
+experts and routers, or Ditto's personal copy; the global partition is frozen) → global phase (the global
+partition learns, the experts are frozen, with teacher-student distillation) → return the global partition's
+difference. ``phase_order="global_first"`` swaps the two phases. The local part stays in the site directory.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable, Mapping
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from .site_state import SiteStateError, load_site_state, save_site_state
 logger = logging.getLogger(__name__)
 
 KD_DIRECTIONS = ("local_to_global", "global_to_local", "none")
+PHASE_ORDERS = ("local_first", "global_first")
+PERSONAL = "personal"  # Ditto's phase and optimiser: the personal copy of the global partition
 
 
 def _float_state(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -43,13 +46,17 @@ class TrainingAborted(RuntimeError):
 @dataclass(frozen=True)
 class TrainerConfig:
     """How a site trains. ``kd_direction``: ``local_to_global`` distils the personalized model (teacher) into
-    the global-only path; ``global_to_local`` distils the received global model into the personalized one."""
+    the global-only path; ``global_to_local`` distils the received global model into the personalized one.
+    ``phase_order``: ``local_first`` (the local phase, then the global phase) or ``global_first``.
+    ``ditto_lambda``: the weight of Ditto's proximal term λ/2·‖w − w_global‖²."""
 
     method: str = "pfedsam"
     kd_direction: str = "local_to_global"
     kd_weight: float = 1.0
     kd_temperature: float = 2.0
     balance_weight: float = 0.01
+    phase_order: str = "local_first"
+    ditto_lambda: float = 0.1
     lr_global: float = 1e-3
     lr_local: float = 1e-3
     weight_decay: float = 1e-4
@@ -65,8 +72,12 @@ class TrainerConfig:
         get_method(self.method)
         if self.kd_direction not in KD_DIRECTIONS:
             raise ValueError(f"kd_direction must be one of {KD_DIRECTIONS}, got {self.kd_direction!r}")
+        if self.phase_order not in PHASE_ORDERS:
+            raise ValueError(f"phase_order must be one of {PHASE_ORDERS}, got {self.phase_order!r}")
         if self.kd_temperature <= 0:
             raise ValueError(f"kd_temperature must be positive, got {self.kd_temperature}")
+        if self.ditto_lambda < 0:
+            raise ValueError(f"ditto_lambda must be at least 0, got {self.ditto_lambda}")
         if self.batch_size < 1 or self.local_epochs < 0 or self.global_epochs < 0:
             raise ValueError("batch_size must be at least 1 and the epoch counts at least 0")
 
@@ -87,6 +98,17 @@ class RoundResult:
     global_diff: dict[str, torch.Tensor]  # after − received, global-partition keys only
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Personalized:
+    """The weights of the model a site keeps: the global partition it runs with, its local partition and, for
+    Ditto, its personal copy of the global partition (used on the personalized path instead of ``global_state``)."""
+
+    global_state: dict[str, torch.Tensor]
+    local_state: dict[str, torch.Tensor]
+    personal_state: dict[str, torch.Tensor] | None
+    rounds_done: int
 
 
 class LocalTrainer:
@@ -116,18 +138,20 @@ class LocalTrainer:
         self.val_samples = (
             None if val_data is None else SampleStore(val_data, self.model, cache_prefix=config.cache_features, name="validation")
         )
+        roles = {GLOBAL: (GLOBAL, config.lr_global), LOCAL: (LOCAL, config.lr_local), PERSONAL: (GLOBAL, config.lr_local)}
+        if self.method.local_phase != "personal":
+            del roles[PERSONAL]
         self.optimizers = {
-            role: torch.optim.AdamW(
-                self.partition.parameters(self.model, role),
-                lr=config.lr_global if role == GLOBAL else config.lr_local,
-                weight_decay=config.weight_decay,
+            name: torch.optim.AdamW(
+                self.partition.parameters(self.model, role), lr=lr, weight_decay=config.weight_decay
             )
-            for role in (GLOBAL, LOCAL)
+            for name, (role, lr) in roles.items()
             if self.partition.keys(role)
         }
         self.segmentation_loss = SegmentationLoss()
         self.rounds_done = 0
         self.keeps_own_global = False  # true once a non-aggregating site has its own global partition
+        self.personal: dict[str, torch.Tensor] | None = None  # Ditto's personal copy, made from the first received model
         self._resume()
 
     # --- state ---
@@ -150,6 +174,8 @@ class LocalTrainer:
         }
         if not self.method.aggregate:
             state["global"] = self.global_state()
+        if self.personal is not None:
+            state[PERSONAL] = self.personal
         save_site_state(self.site_dir, state)
 
     def _resume(self) -> None:
@@ -165,8 +191,9 @@ class LocalTrainer:
                 )
         try:
             self.partition.check(state["local"], LOCAL)
-            if "global" in state:
-                self.partition.check(state["global"], GLOBAL)
+            for name in ("global", PERSONAL):
+                if name in state:
+                    self.partition.check(state[name], GLOBAL)
             for role, optimizer in self.optimizers.items():
                 saved_groups = state["optimizers"][role]["param_groups"]
                 if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in optimizer.param_groups]:
@@ -177,10 +204,33 @@ class LocalTrainer:
         if "global" in state:
             self.partition.load_global(self.model, state["global"])
             self.keeps_own_global = True
+        if PERSONAL in state:
+            self.personal = _float_state(state[PERSONAL])
         for role, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state["optimizers"][role])
         self.rounds_done = int(state["rounds_done"])
         logger.info("%s: resumed after round %d from %s", self.site_name, self.rounds_done, path)
+
+    def _snapshot(self) -> tuple:
+        return (
+            self.global_state(),
+            self.local_state(),
+            copy.deepcopy({name: o.state_dict() for name, o in self.optimizers.items()}),
+            None if self.personal is None else dict(self.personal),
+        )
+
+    def _restore(self, snapshot: tuple) -> None:
+        global_state, local_state, optimizers, personal = snapshot
+        self.partition.load_global(self.model, global_state)
+        self.partition.load_local(self.model, local_state)
+        for name, state in optimizers.items():
+            self.optimizers[name].load_state_dict(state)
+        self.personal = personal
+
+    def _received(self, global_state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        received = _float_state(global_state)
+        self.partition.check(received, GLOBAL)
+        return received
 
     # --- a round ---
 
@@ -189,27 +239,21 @@ class LocalTrainer:
     ) -> RoundResult:
         """Train one round from the received global partition and return its difference."""
         round_index = self.rounds_done + 1
-        received = _float_state(global_state)
-        self.partition.check(received, GLOBAL)
-        saved = self.global_state(), self.local_state(), copy.deepcopy([o.state_dict() for o in self.optimizers.values()])
+        received = self._received(global_state)
+        snapshot = self._snapshot()
         if not self.keeps_own_global:
             self.partition.load_global(self.model, received)
         start = self.global_state()
         metrics: dict[str, float] = {}
         began = time.perf_counter()
+        phases = [self._local_phase, self._global_phase]
+        if self.config.phase_order == "global_first":
+            phases.reverse()
         try:
-            if self.model.has_experts and self.config.local_epochs:
-                teacher = self._logits(personalized=False) if self.config.kd_direction == "global_to_local" else None
-                metrics["local_loss"] = self._phase(LOCAL, round_index, teacher, should_abort)
-            if self.config.global_epochs:
-                distil = self.model.has_experts and self.config.kd_direction == "local_to_global"
-                teacher = self._logits(personalized=True) if distil else None
-                metrics["global_loss"] = self._phase(GLOBAL, round_index, teacher, should_abort)
+            for phase in phases:
+                metrics.update(phase(round_index, start, should_abort))
         except TrainingAborted:
-            self.partition.load_global(self.model, saved[0])
-            self.partition.load_local(self.model, saved[1])
-            for optimizer, state in zip(self.optimizers.values(), saved[2]):
-                optimizer.load_state_dict(state)
+            self._restore(snapshot)
             raise
         after = self.global_state()
         self.rounds_done = round_index
@@ -223,62 +267,151 @@ class LocalTrainer:
             metrics=metrics,
         )
 
-    def _phase(
-        self, role: str, round_index: int, teacher: torch.Tensor | None, should_abort: Callable[[], bool]
-    ) -> float:
-        """Train the ``role`` partition alone; the other one receives no gradient and is not in the optimiser."""
+    def _local_phase(
+        self,
+        round_index: int,
+        received: dict[str, torch.Tensor],
+        should_abort: Callable[[], bool],
+        stage: str | None = None,
+    ) -> dict[str, float]:
+        """The site's own part learns on the global partition now in the model: the experts (with the received
+        global model as teacher under ``global_to_local``), or Ditto's personal copy, pulled toward ``received``."""
         config = self.config
-        personalized = role == LOCAL
-        epochs = config.local_epochs if personalized else config.global_epochs
+        if not config.local_epochs or self.method.local_phase is None:
+            return {}
+        if self.method.local_phase == PERSONAL:
+            with self._personal_weights(received, keep=True):
+                loss = self._phase(PERSONAL, round_index, None, should_abort, proximal_to=received, stage=stage)
+            return {"local_loss": loss}
+        teacher = self._logits(personalized=False) if config.kd_direction == "global_to_local" else None
+        return {"local_loss": self._phase(LOCAL, round_index, teacher, should_abort, stage=stage)}
+
+    def _global_phase(
+        self, round_index: int, received: dict[str, torch.Tensor], should_abort: Callable[[], bool]
+    ) -> dict[str, float]:
+        epochs = self.method.global_epochs(self.config.local_epochs, self.config.global_epochs)
+        if not epochs:
+            return {}
+        distil = self.model.has_experts and self.config.kd_direction == "local_to_global"
+        teacher = self._logits(personalized=True) if distil else None
+        return {"global_loss": self._phase(GLOBAL, round_index, teacher, should_abort, epochs=epochs)}
+
+    @contextmanager
+    def _personal_weights(self, received: Mapping[str, torch.Tensor], keep: bool) -> Iterator[None]:
+        """Ditto's personal copy in place of the global partition (made from ``received`` the first time); with
+        ``keep`` what was trained in between becomes the personal copy. The global partition comes back after."""
+        current = self.global_state()
+        self.partition.load_global(self.model, self.personal if self.personal is not None else received)
+        try:
+            yield
+            if keep:
+                self.personal = self.global_state()
+        finally:
+            self.partition.load_global(self.model, current)
+
+    def _phase(
+        self,
+        name: str,
+        round_index: int,
+        teacher: torch.Tensor | None,
+        should_abort: Callable[[], bool],
+        *,
+        epochs: int | None = None,
+        proximal_to: Mapping[str, torch.Tensor] | None = None,
+        stage: str | None = None,
+    ) -> float:
+        """Train one partition alone (``local``: the experts; ``global`` and ``personal``: the global partition's
+        parameters); the other one receives no gradient and is not in the optimiser. ``stage`` names the step in
+        the log (``round N`` by default)."""
+        config = self.config
+        role = LOCAL if name == LOCAL else GLOBAL
+        epochs = config.local_epochs if epochs is None else epochs
         self.model.requires_grad_(False)
-        for parameter in self.partition.parameters(self.model, role):
+        trained = self.partition.parameters(self.model, role)
+        for parameter in trained:
             parameter.requires_grad_(True)
-        optimizer = self.optimizers[role]
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + round_index * 2 + personalized)
+        anchors = None if proximal_to is None else [proximal_to[key] for key in self.partition.keys(role)]
+        optimizer = self.optimizers[name]
+        phase_index = {GLOBAL: 0, LOCAL: 1, PERSONAL: 1}[name]
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + round_index * 2 + phase_index)
         steps_per_epoch = -(-len(self.train_samples) // config.batch_size)
+        stage = stage or f"round {round_index}"
         losses = []
         self.model.train()
         try:
             for epoch in range(1, epochs + 1):
                 for step, batch in enumerate(self.train_samples.batches(config.batch_size, generator), start=1):
                     if should_abort():
-                        raise TrainingAborted(f"{self.site_name}: round {round_index} aborted in the {role} phase")
-                    with nullcontext() if personalized else self.model.global_only():
+                        raise TrainingAborted(f"{self.site_name}: {stage} aborted in the {name} phase")
+                    with self.model.global_only() if name == GLOBAL else nullcontext():
                         logits = self.model(**batch.model_inputs())
                     loss = self.segmentation_loss(logits, batch.masks)
-                    if personalized:
+                    if name == LOCAL:
                         loss = loss + config.balance_weight * self.model.balance_loss()
                     if teacher is not None:
                         kd = distillation_loss(logits, teacher[batch.indices].to(logits.device), config.kd_temperature)
                         loss = loss + config.kd_weight * kd
+                    if anchors is not None:
+                        proximal = sum(((p - a.to(p.device)) ** 2).sum() for p, a in zip(trained, anchors))
+                        loss = loss + config.ditto_lambda / 2 * proximal
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
                     losses.append(loss.item())
                     if step % config.log_every == 0 or step == steps_per_epoch:
                         logger.info(
-                            "%s round %d %s phase: epoch %d/%d step %d/%d loss %.4f",
-                            self.site_name, round_index, role, epoch, epochs, step, steps_per_epoch, losses[-1],
+                            "%s %s %s phase: epoch %d/%d step %d/%d loss %.4f",
+                            self.site_name, stage, name, epoch, epochs, step, steps_per_epoch, losses[-1],
                         )
         finally:
             self.model.eval()
         return sum(losses) / len(losses) if losses else float("nan")
+
+    # --- the model the site keeps ---
+
+    def personalize(self, global_state: Mapping[str, Any]) -> Personalized:
+        """The model this site keeps with ``global_state``: its local phase run once more on it, so that the site's
+        own part fits the global partition it will run with. The trainer's state is left exactly as it was."""
+        received = self._received(global_state)
+        snapshot = self._snapshot()
+        try:
+            if not self.keeps_own_global:
+                self.partition.load_global(self.model, received)
+            self._local_phase(self.rounds_done + 1, self.global_state(), lambda: False, stage="final fit")
+            return Personalized(
+                global_state=self.global_state(),
+                local_state=self.local_state(),
+                personal_state=None if self.personal is None else dict(self.personal),
+                rounds_done=self.rounds_done,
+            )
+        finally:
+            self._restore(snapshot)
+
+    # --- evaluation ---
+
+    def path_context(self, personalized: bool) -> Any:
+        """The context in which the model runs its ``personalized`` path (experts on, or Ditto's personal copy)
+        or its global-only path."""
+        if not personalized:
+            return self.model.global_only()
+        if self.personal is not None:
+            return self._personal_weights(self.personal, keep=False)
+        return nullcontext()
 
     @torch.no_grad()
     def _logits(self, personalized: bool, samples: SampleStore | None = None) -> torch.Tensor:
         """The model's logits for every sample, in dataset order (the frozen teacher of a phase)."""
         samples = samples or self.train_samples
         self.model.eval()
-        with nullcontext() if personalized else self.model.global_only():
+        with self.path_context(personalized):
             return torch.cat([self.model(**batch.model_inputs()).cpu() for batch in samples.batches(self.config.batch_size)])
-
-    # --- evaluation ---
 
     @torch.no_grad()
     def validate(
         self, global_state: Mapping[str, Any] | None = None, paths: tuple[str, ...] = ("personalized", "global")
     ) -> dict[str, float]:
-        """Loss, Dice and HD95 on the validation set of the ``personalized`` model and of the ``global``-only one.
+        """Loss, Dice and HD95 per slice on the validation set, of the ``personalized`` model and of the
+        ``global``-only one: the numbers of the training curves and of model selection.
 
         With ``global_state`` the model is evaluated with that global partition (and this site's own local one),
         then put back as it was; a site that keeps its own global partition (method ``local``) ignores it.
@@ -296,7 +429,7 @@ class LocalTrainer:
         evaluated: dict[bool, dict[str, float]] = {}
         metrics: dict[str, float] = {}
         for path in paths:
-            personalized = path == "personalized" and self.model.has_experts  # without experts: one model
+            personalized = path == "personalized" and self.method.local_phase is not None  # otherwise: one model
             if personalized not in evaluated:
                 logits = self._logits(personalized=personalized, samples=self.val_samples)
                 scores = SegmentationScores()
@@ -310,5 +443,5 @@ class LocalTrainer:
         """Binary masks (B, K, S, S) for images (B, C, S, S) in [0, 1] (and their boxes in box-prompt mode)."""
         self.model.eval()
         device = self.config.device
-        with nullcontext() if personalized else self.model.global_only():
+        with self.path_context(personalized):
             return self.model(images.to(device), None if boxes is None else boxes.to(device)).cpu() > 0

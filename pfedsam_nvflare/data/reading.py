@@ -1,0 +1,76 @@
+"""Reading a case through MONAI's readers: the image, its label map and its voxel spacing, checked against
+each other."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from monai.transforms import LoadImage
+
+from .layout import DATASET_FILE, Case, DataError, Labels
+
+
+@dataclass
+class Volume:
+    """An image (C, *spatial) as read, and the size of its voxels along each spatial axis (mm for NIfTI and
+    NRRD; PNG has no spacing, so 1 per pixel)."""
+
+    array: np.ndarray
+    spacing: tuple[float, ...]
+
+
+def read_volume(path: Path) -> Volume:
+    """A file as (channels, *spatial) float32 with its spacing, via MONAI's readers (PNG rows stay rows)."""
+    if path.name.endswith(".png"):
+        loader = LoadImage(reader="PILReader", image_only=True, ensure_channel_first=True, reverse_indexing=False)
+    else:
+        loader = LoadImage(image_only=True, ensure_channel_first=True)
+    try:
+        image = loader(str(path))
+    except Exception as error:  # MONAI re-raises each reader's own error types
+        raise DataError(f"{path}: cannot be read as an image ({type(error).__name__}: {error})") from error
+    array = np.asarray(image, dtype=np.float32)
+    spacing = tuple(float(v) for v in np.asarray(getattr(image, "pixdim", [1.0] * (array.ndim - 1))))
+    if len(spacing) != array.ndim - 1 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
+        raise DataError(f"{path}: voxel spacing {spacing} is not one positive size per spatial axis")
+    return Volume(array, spacing)
+
+
+def read_array(path: Path) -> np.ndarray:
+    return read_volume(path).array
+
+
+@dataclass
+class CaseData:
+    image: np.ndarray  # (C, *spatial) as stored
+    label_map: np.ndarray  # (*spatial) of integers 0..K
+    spacing: tuple[float, ...]
+
+
+def read_case(case: Case, labels: Labels) -> CaseData:
+    """Image, label map and spacing of a case, checked against each other."""
+    volume = read_volume(case.image)
+    image, mask = volume.array, read_array(case.mask)
+    if mask.shape[0] > 1:
+        if not (mask == mask[:1]).all():
+            raise DataError(f"{case.mask}: a mask must have one channel, found {mask.shape[0]} that differ")
+        mask = mask[:1]
+    if image.shape[1:] != mask.shape[1:]:
+        raise DataError(
+            f"{case.mask}: mask size {mask.shape[1:]} differs from image size {image.shape[1:]} of {case.image}"
+        )
+    if image.ndim not in (3, 4):
+        raise DataError(f"{case.image}: expected a 2D or 3D image, found {image.ndim - 1} spatial dimensions")
+    if not np.isfinite(image).all():
+        raise DataError(f"{case.image}: has non-finite values")
+    allowed = set(range(len(labels.names) + 1))
+    found = set(np.unique(mask).tolist())
+    if not found <= allowed:
+        raise DataError(
+            f"{case.mask}: mask values [{', '.join(f'{v:g}' for v in sorted(found - allowed))}] are outside the label "
+            f"set {sorted(allowed)} "
+            f"({', '.join(labels.names)}); see {DATASET_FILE}"
+        )
+    return CaseData(image, mask[0].astype(np.int64), volume.spacing)

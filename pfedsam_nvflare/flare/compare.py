@@ -1,0 +1,241 @@
+"""``pfedsam compare``: methods (and ablation variants) side by side, each one a job of the same settings run in
+FLARE's simulator on the same sites and the same splits; one table of what each site keeps.
+
+Every run is an exported job folder run by ``nvflare simulator`` in its own process, so a method that fails is
+reported as failed and the others still run. Results are the sites' final evaluations (test cases, the model
+each site keeps), read from each job's ``pfedsam_metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from ..atomic import atomic_write_text
+from ..data.config import DataConfig, resolve_root
+from ..data.layout import DataError, Labels, list_sites
+from ..model import ModelConfig
+from ..reports import FINAL_MODEL, comparison_markdown, plot_comparison
+from ..training import TrainerConfig
+from .jobs import JOB_DATA, JOB_MODEL, job_recipe, job_trainer
+from .recipe import RECIPE_METHODS
+from .site_policy import allow_pfedsam_in
+
+METRICS_FILE = "pfedsam_metrics.json"
+# Lines of a site's or the server's log worth showing while a job runs.
+PROGRESS_MARKERS = ("round ", "final evaluation", "kept model", "rejected the contribution", "cannot start", "ERROR")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One run: a method and the settings it changes (``{"kd_direction": "none"}``) from the shared ones."""
+
+    method: str
+    changes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        if not self.changes:
+            return self.method
+        return f"{self.method}[{','.join(f'{k}={v}' for k, v in self.changes.items())}]"
+
+    @property
+    def job_name(self) -> str:
+        return "".join(c if c.isalnum() or c in "-_" else "_" for c in self.label).strip("_")
+
+
+def parse_value(text: str) -> Any:
+    """A setting's value from the command line: JSON where it parses (``2``, ``null``, ``true``), else the text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def apply_settings(
+    model: ModelConfig, trainer: TrainerConfig, changes: dict[str, Any]
+) -> tuple[ModelConfig, TrainerConfig]:
+    """``changes`` applied to whichever of the two configurations owns each name."""
+    model_fields, trainer_fields = {f.name for f in fields(ModelConfig)}, {f.name for f in fields(TrainerConfig)}
+    model_changes = {k: v for k, v in changes.items() if k in model_fields}
+    trainer_changes = {k: v for k, v in changes.items() if k in trainer_fields and k not in model_fields}
+    unknown = set(changes) - set(model_changes) - set(trainer_changes)
+    if unknown:
+        raise ValueError(
+            f"unknown setting(s) {', '.join(sorted(unknown))}: a ModelConfig or TrainerConfig field is expected"
+        )
+    if "method" in trainer_changes:
+        raise ValueError("choose methods with --methods, not as a setting")
+    return replace(model, **model_changes), replace(trainer, **trainer_changes)
+
+
+def plan_variants(methods: list[str], ablate: dict[str, list[Any]] | None) -> list[Variant]:
+    """Every method once; with ``ablate`` (one setting and its values) every method once per value."""
+    unknown = [m for m in methods if m not in RECIPE_METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(RECIPE_METHODS)}")
+    if not methods:
+        raise ValueError("name at least one method")
+    if not ablate:
+        return [Variant(method) for method in methods]
+    if len(ablate) != 1:
+        raise ValueError("ablate one setting at a time")
+    (name, values), = ablate.items()
+    return [Variant(method, {name: value}) for method in methods for value in values]
+
+
+@dataclass
+class Comparison:
+    """What ``pfedsam compare`` runs: ``variants`` on ``sites`` of ``data`` for ``rounds`` rounds, under ``out``."""
+
+    out: Path
+    variants: list[Variant]
+    rounds: int
+    data: DataConfig = JOB_DATA
+    model: ModelConfig = JOB_MODEL
+    changes: dict[str, Any] = field(default_factory=dict)  # settings every variant changes (``--set``)
+    sites: list[str] | None = None
+    resume: bool = False  # keep the completed runs of an earlier comparison of the same settings in ``out``
+
+    def run(self) -> dict[str, Any]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        root = resolve_root(self.data)  # generated once here, not raced by the sites
+        data = replace(self.data, root=str(root))
+        available = list_sites(root)
+        sites = self.sites or available
+        missing = [site for site in sites if site not in available]
+        if missing:
+            raise DataError(f"site(s) {', '.join(missing)} not in {root} (it has {', '.join(available)})")
+        result: dict[str, Any] = {
+            "data": {"root": str(root), "sites": sites, "labels": list(Labels.of_root(root).names)},
+            "rounds": self.rounds,
+            "settings": {"model": self.model.to_dict(), "changes": self.changes, "data": data.to_dict()},
+            "methods": {},
+        }
+        earlier = self._earlier(result)
+        result["methods"].update(earlier)  # every completed run of the same settings stays in the table
+        for index, variant in enumerate(self.variants, start=1):
+            if variant.label in earlier:
+                print(f"[{index}/{len(self.variants)}] {variant.label}: completed earlier, kept", flush=True)
+                continue
+            print(f"[{index}/{len(self.variants)}] {variant.label}: {self.rounds} rounds on {', '.join(sites)}", flush=True)
+            outcome = self._run_variant(variant, data, sites)
+            result["methods"][variant.label] = outcome
+            status = outcome["status"]
+            print(f"[{index}/{len(self.variants)}] {variant.label}: {status} in {outcome['wall_seconds'] / 60:.1f} min"
+                  + (f" ({outcome['error']})" if status != "completed" else ""), flush=True)
+            self._write(result)
+        return result
+
+    def _earlier(self, result: dict[str, Any]) -> dict[str, Any]:
+        """With ``resume``, the completed runs of ``out/comparison.json`` (so a long comparison can be run in parts,
+        one method at a time); refused if that file was made with other settings."""
+        path = self.out / "comparison.json"
+        if not self.resume or not path.exists():
+            return {}
+        earlier = json.loads(path.read_text())
+        for key in ("data", "rounds", "settings"):
+            if earlier.get(key) != result[key]:
+                raise ValueError(
+                    f"{path} was made with other {key} ({earlier.get(key)!r}, now {result[key]!r}); use another --out"
+                )
+        return {label: run for label, run in earlier["methods"].items() if run.get("status") == "completed"}
+
+    def _run_variant(self, variant: Variant, data: DataConfig, sites: list[str]) -> dict[str, Any]:
+        began = time.monotonic()
+        workspace = self.out / "runs" / variant.job_name
+        try:
+            model, trainer = apply_settings(
+                self.model, job_trainer(variant.method), {**self.changes, **variant.changes}
+            )
+            recipe = job_recipe(
+                variant.method, num_rounds=self.rounds, model=model, trainer=trainer, data=data,
+                min_clients=len(sites), name=variant.job_name,
+            )
+            recipe.export(str(self.out / "jobs"))
+        except (ValueError, TypeError) as error:
+            return {"status": "failed", "error": f"{type(error).__name__}: {error}", "wall_seconds": 0.0}
+        allow_pfedsam_in(workspace / "local")
+        log = self.out / "runs" / f"{variant.job_name}.log"
+        returncode = _simulate(self.out / "jobs" / variant.job_name, workspace, sites, log)
+        outcome: dict[str, Any] = {"wall_seconds": round(time.monotonic() - began, 1), "log": str(log)}
+        metrics_file = workspace / "server" / "simulate_job" / METRICS_FILE
+        if not metrics_file.exists():
+            return {**outcome, "status": "failed", "error": f"no {METRICS_FILE} (simulator exit {returncode}); see {log}"}
+        metrics = json.loads(metrics_file.read_text())
+        summary = summarise_run(metrics, sites)
+        missing = [site for site in sites if "test" not in summary.get(site, {})]
+        if returncode != 0 or missing:
+            reason = f"simulator exit {returncode}" + (f", no test results from {', '.join(missing)}" if missing else "")
+            return {**outcome, "status": "failed", "error": f"{reason}; see {log}", "sites": summary}
+        return {**outcome, "status": "completed", "sites": summary, "mean": mean_over_sites(summary)}
+
+    def _write(self, result: dict[str, Any]) -> None:
+        atomic_write_text(json.dumps(result, indent=2) + "\n", self.out / "comparison.json")
+        atomic_write_text(comparison_markdown(result) + "\n", self.out / "comparison.md")
+        plot_comparison(result, self.out / "comparison.png")
+
+
+def _simulate(job: Path, workspace: Path, sites: list[str], log: Path) -> int:
+    """Run ``job`` in ``nvflare simulator`` with one process per site, each with its share of the cores; the log
+    goes to ``log`` and its progress lines to the console."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(sites))))
+    command = [
+        sys.executable, "-m", "nvflare.cli", "simulator", str(job), "-w", str(workspace),
+        "-c", ",".join(sites), "-t", str(len(sites)), "-l", "concise",
+    ]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as handle, subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            handle.write(line)
+            if any(marker in line for marker in PROGRESS_MARKERS):
+                print("    " + line.rstrip()[:200], flush=True)
+    return process.returncode
+
+
+def summarise_run(metrics: dict[str, Any], sites: list[str]) -> dict[str, Any]:
+    """Per site: the final evaluation of the model it keeps (test and validation), the bytes it sent, and its
+    per-round validation curves (training curves; never used for the reported numbers)."""
+    final = metrics.get("final", {}).get(FINAL_MODEL, {})
+    summary: dict[str, Any] = {}
+    for site in sites:
+        rounds = [entry for entry in metrics.get("rounds", []) if site in entry.get("sites", {})]
+        sent = [entry["sites"][site].get("bytes_sent", 0) for entry in rounds]
+        entry: dict[str, Any] = {
+            "bytes_sent_per_round": sent[-1] if sent else 0,
+            "bytes_sent_total": sum(sent),
+            "curve": {
+                "round": [e["round"] + 1 for e in rounds],
+                "global_dice": [e["sites"][site].get("global_dice") for e in rounds],
+                "personalized_dice": [e["sites"][site].get("personalized_dice") for e in rounds],
+            },
+        }
+        report = final.get(site, {})
+        for split in ("val", "test"):
+            if isinstance(report.get(split), dict):
+                entry[split] = report[split]
+        summary[site] = entry
+    return summary
+
+
+def mean_over_sites(summary: dict[str, Any]) -> dict[str, float]:
+    """The mean over sites of each site's mean over labels, for both paths; and the bytes."""
+    means: dict[str, float] = {}
+    for path in ("personalized", "global"):
+        for metric in ("dice", "hd95"):
+            values = [site["test"][path][metric]["mean"] for site in summary.values()]
+            values = [v for v in values if v is not None]
+            means[f"{path}_{metric}"] = sum(values) / len(values) if values else float("nan")
+    means["bytes_sent_per_round"] = sum(site["bytes_sent_per_round"] for site in summary.values()) / len(summary)
+    means["bytes_sent_total"] = sum(site["bytes_sent_total"] for site in summary.values())
+    return means

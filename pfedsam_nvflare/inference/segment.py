@@ -1,0 +1,72 @@
+"""Segmenting whole images with a kept model: each plane prepared exactly as in training, the logits brought
+back to the plane's own size before they are thresholded, the planes stacked back into the image's grid."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.preprocess import from_model_grid, model_input, normalise, planes, stack_planes, to_model_grid
+from ..model.kept import KeptModel
+from ..model.partition import GLOBAL
+from ..training.samples import boxes_from_masks
+
+PATHS = ("personalized", "global")
+
+
+class Segmenter:
+    """A kept model's ``personalized`` path (its experts, or Ditto's personal copy) and its ``global``-only path."""
+
+    def __init__(
+        self, kept: KeptModel, *, checkpoint: str | Path | None = None, device: str = "cpu", batch_size: int = 4
+    ) -> None:
+        self.kept, self.device, self.batch_size = kept, device, batch_size
+        self.model, self.partition = kept.build(checkpoint, device)
+        self.model.eval()
+        settings = kept.preprocessing
+        self.image_size, self.axis = int(settings["image_size"]), int(settings["axis"])
+        self.clip_percentiles = tuple(settings["clip_percentiles"])
+        self._loaded = "global"  # which global-partition weights the model holds
+
+    def _weights(self, path: str):
+        """The model set up for ``path``: Ditto's personal copy swapped in where there is one, experts on or off."""
+        wanted = "personal" if path == "personalized" and self.kept.personal_state is not None else "global"
+        if wanted != self._loaded:
+            state = self.kept.personal_state if wanted == "personal" else self.kept.global_state
+            self.partition.load(self.model, state, GLOBAL)
+            self._loaded = wanted
+        return nullcontext() if path == "personalized" else self.model.global_only()
+
+    @torch.no_grad()
+    def logits(
+        self, image: np.ndarray, paths: tuple[str, ...] = PATHS, prompt_masks: np.ndarray | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Logits (K, *spatial) on ``image``'s own grid, per path. ``image``: (C, *spatial) as read from the file.
+        In box-prompt mode the box of each plane comes from ``prompt_masks`` (K, *spatial), as in training."""
+        box_mode = self.model.config.prompt == "box"
+        if box_mode and prompt_masks is None:
+            raise ValueError("a box-prompt model needs masks to draw its boxes from")
+        image_planes = list(planes(normalise(image, self.clip_percentiles), self.axis))
+        mask_planes = list(planes(prompt_masks, self.axis)) if box_mode else [None] * len(image_planes)
+        height, width = image_planes[0].shape[1:]
+        out: dict[str, list[torch.Tensor]] = {path: [] for path in paths}
+        for start in range(0, len(image_planes), self.batch_size):
+            chunk = slice(start, start + self.batch_size)
+            inputs = torch.stack([model_input(plane, self.image_size) for plane in image_planes[chunk]]).to(self.device)
+            boxes = None
+            if box_mode:
+                grid = torch.stack([to_model_grid(m, self.image_size, "nearest") for m in mask_planes[chunk]])
+                boxes = boxes_from_masks(grid).to(self.device)
+            prefix = self.model.encode_prefix(inputs)
+            for path in paths:
+                with self._weights(path):
+                    grid_logits = self.model(prefix=prefix, boxes=boxes).cpu()
+                out[path].extend(from_model_grid(grid_logits, height, width))
+        spatial_dims = image.ndim - 1
+        return {
+            path: torch.from_numpy(stack_planes([p.numpy() for p in values], self.axis, spatial_dims))
+            for path, values in out.items()
+        }

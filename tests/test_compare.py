@@ -1,0 +1,106 @@
+"""``pfedsam compare`` end to end: two methods through the real FLARE simulator on generated sites, and the kept
+model files it leaves at the sites, scored again in a fresh process."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from pfedsam_nvflare.flare.jobs import JOB_MODEL
+from pfedsam_nvflare.flare.settings import model_config_for, reference
+
+SITES = ["site-1", "site-2", "site-3"]
+METHODS = ["pfedsam", "fedavg"]
+
+
+def _pfedsam(*args, env):
+    command = [sys.executable, "-m", "pfedsam_nvflare.cli", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    env = {**os.environ, "PFEDSAM_DATA_HOME": str(root / "data")}
+    completed = _pfedsam(
+        "compare", "--backbone", "tiny", "--methods", ",".join(METHODS), "--rounds", "1", "--out", str(root / "out"), env=env
+    )
+    return root / "out", completed, env
+
+
+def test_compare_runs_every_method_and_prints_the_table(compared):
+    out, completed, _ = compared
+    assert completed.returncode == 0, (completed.stdout + completed.stderr)[-4000:]
+    assert "[1/2] pfedsam: completed" in completed.stdout and "[2/2] fedavg: completed" in completed.stdout
+    assert "| site | pfedsam | fedavg |" in completed.stdout
+    markdown = (out / "comparison.md").read_text()
+    assert "Test Dice of the kept model" in markdown and "mean over sites" in markdown
+    with Image.open(out / "comparison.png") as image:
+        assert image.size[0] > 500
+
+
+def test_every_method_and_site_has_test_dice_per_label_and_bytes(compared):
+    out, _, _ = compared
+    result = json.loads((out / "comparison.json").read_text())
+    assert result["data"]["sites"] == SITES and result["data"]["labels"] == ["foreground"]
+    for method in METHODS:
+        run = result["methods"][method]
+        assert run["status"] == "completed"
+        model = model_config_for(JOB_MODEL.to_dict() | {"backbone": "tiny"}, method)
+        values = reference(model).partition.num_values("global")
+        for site in SITES:
+            entry = run["sites"][site]
+            assert entry["test"]["cases"] == 1
+            for path in ("personalized", "global"):
+                for label in ("foreground", "mean"):
+                    assert 0.0 <= entry["test"][path]["dice"][label] <= 1.0
+                    assert entry["test"][path]["hd95"][label] >= 0.0
+            assert entry["bytes_sent_per_round"] == 4 * values and entry["bytes_sent_total"] == 4 * values
+        assert set(run["mean"]) >= {"personalized_dice", "global_dice", "bytes_sent_per_round"}
+
+
+def test_every_method_uses_the_same_disjoint_three_way_split(compared):
+    out, _, _ = compared
+    for site in SITES:
+        splits = [
+            json.loads((out / "runs" / method / site / "simulate_job" / "pfedsam" / "split.json").read_text())
+            for method in METHODS
+        ]
+        sets = [set(splits[0][f"{name}_cases"]) for name in ("train", "val", "test")]
+        assert all(sets) and not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+        assert all(split == splits[0] for split in splits)
+
+
+def test_the_reported_personalized_dice_is_that_of_the_saved_model_file(compared, tmp_path):
+    out, _, env = compared
+    result = json.loads((out / "comparison.json").read_text())
+    for site in SITES:
+        model_file = out / "runs" / "pfedsam" / site / "simulate_job" / "pfedsam" / "personalized_model.pt"
+        scores = tmp_path / f"{site}.csv"
+        completed = _pfedsam("evaluate", "--model", str(model_file), "--split", "test", "--out", str(scores), env=env)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        assert "mean of 1 cases" in completed.stdout
+        rows = list(csv.DictReader(scores.open()))
+        for path in ("personalized", "global"):
+            dice = [float(row["dice"]) for row in rows if row["model"] == path]
+            assert len(dice) == 1
+            assert dice[0] == pytest.approx(result["methods"]["pfedsam"]["sites"][site]["test"][path]["dice"]["mean"], abs=1e-6)
+
+
+def test_a_method_that_fails_is_reported_and_the_others_still_run(tmp_path):
+    env = {**os.environ, "PFEDSAM_DATA_HOME": str(tmp_path / "data")}
+    completed = _pfedsam(
+        "compare", "--backbone", "tiny", "--methods", "pfedsam", "--ablate", "top_k=9,1", "--rounds", "1",
+        "--out", str(tmp_path / "out"), "--sites", "site-1,site-2", env=env,
+    )
+    assert completed.returncode == 1
+    result = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    failed, passed = result["methods"]["pfedsam[top_k=9]"], result["methods"]["pfedsam[top_k=1]"]
+    assert failed["status"] == "failed" and passed["status"] == "completed"
+    assert "top_k must be between 1 and num_experts=4, got 9" in failed["error"]
+    assert sorted(passed["sites"]) == ["site-1", "site-2"]
+    assert "**Failed**" in (tmp_path / "out" / "comparison.md").read_text()
