@@ -57,3 +57,13 @@ def test_case_scores_are_per_label_over_the_whole_case_in_the_files_units():
     spurious = truth.clone()
     spurious[1, 0, 0, 0] = 1  # label 2 predicted where the case has none
     assert case_scores(spurious, truth, spacing=(1, 1, 1))[0][1] == 0.0
+
+
+def test_a_single_slice_volume_is_scored_on_its_contours_not_its_area():
+    truth = torch.zeros(1, 40, 40, 1)
+    truth[0, 10:30, 10:30] = 1
+    prediction = torch.zeros_like(truth)
+    prediction[0, 10:30, 14:34] = 1  # shifted by 4 pixels of 0.5 mm
+    flat = case_scores(prediction[..., 0], truth[..., 0], spacing=(0.5, 0.5))
+    assert case_scores(prediction, truth, spacing=(0.5, 0.5, 5.0)) == flat
+    assert flat[1][0] == pytest.approx(2.0)  # 4 pixels of 0.5 mm

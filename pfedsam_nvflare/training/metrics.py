@@ -67,13 +67,17 @@ def case_scores(prediction: torch.Tensor, truth: torch.Tensor, spacing: Sequence
     positives on slices without the structure count), HD95 in the units of ``spacing`` (mm for NIfTI and NRRD).
 
     A label absent from both truth and prediction scores Dice 1 and HD95 0; present in only one of them, Dice 0
-    and HD95 the case's diagonal, the worst distance possible.
+    and HD95 the case's diagonal, the worst distance possible. Axes of size 1 (a single-slice volume) are dropped
+    before the distances: a surface along them would make every voxel an edge.
     """
-    prediction, truth = prediction.float().unsqueeze(0), truth.float().unsqueeze(0)
+    kept_axes = [axis for axis, size in enumerate(truth.shape[1:]) if size > 1] or [0]
+    shape = [truth.shape[0], *(truth.shape[1 + axis] for axis in kept_axes)]
+    spacing = [float(spacing[axis]) for axis in kept_axes]
+    prediction, truth = prediction.float().reshape(shape).unsqueeze(0), truth.float().reshape(shape).unsqueeze(0)
     dice = compute_dice(prediction, truth, include_background=True, ignore_empty=False)[0]
-    hd95 = _hd95(prediction, truth, spacing=list(spacing))[0]
+    hd95 = _hd95(prediction, truth, spacing=spacing)[0]
     has_truth, has_prediction = truth[0].flatten(1).any(1), prediction[0].flatten(1).any(1)
-    diagonal = math.hypot(*(size * step for size, step in zip(truth.shape[2:], spacing)))
+    diagonal = math.hypot(*(size * step for size, step in zip(shape[1:], spacing)))
     hd95 = torch.where(has_truth & has_prediction, hd95, torch.full_like(hd95, diagonal))
     hd95 = torch.where(~has_truth & ~has_prediction, torch.zeros_like(hd95), hd95)
     return dice.tolist(), hd95.tolist()
