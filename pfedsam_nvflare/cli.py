@@ -114,6 +114,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ValueError("the model file names no site: pass --site")
     cases = {case.name: case for case in find_cases(root, site)}
     split = kept.about.get("split", {})
+    if args.split != "all" and site != kept.about.get("site"):
+        raise ValueError(
+            f"the model's {args.split} cases are cases of site {kept.about.get('site')!r}, not of {site!r}; use --split all"
+        )
     names = sorted(cases) if args.split == "all" else split.get(args.split)
     if names is None:
         raise ValueError(f"the model file records no {args.split} cases; use --split all")

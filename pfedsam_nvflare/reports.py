@@ -69,7 +69,8 @@ def results_table(metrics: dict[str, Any]) -> str:
             )
             lines.append(row + (f" {_number(spent.get(site), 2) if site in spent else 'no DP':>10}" if spent else ""))
     lines.append(
-        f"test cases only, each scored whole (every slice) in its own geometry; HD95 in mm. kept: the model the site "
+        f"test cases only, each scored whole (every slice) in its own geometry; HD95 in mm (pixels for PNG). kept: "
+        f"the model the site "
         f"keeps after {len(rounds)} rounds (the final global partition with the site's own part fitted to it, in "
         "personalized_model.pt at the site); global: the final global partition alone"
     )
@@ -151,6 +152,10 @@ def plot_overlays(
     return _save(figure, path)
 
 
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
 def _completed(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {label: run for label, run in result["methods"].items() if run.get("status") == "completed"}
 
@@ -188,7 +193,7 @@ def comparison_markdown(result: dict[str, Any]) -> str:
             means = [runs[m]["mean"][f"{path}_dice"] for m in methods]
             lines += ["| mean over sites | " + " | ".join(_number(v) for v in means) + " |", ""]
         lines += [
-            "**HD95 (mm, mean over sites and labels), bytes and time**",
+            "**HD95 (mm; pixels for PNG; mean over sites and labels), bytes and time**",
             "",
             "| method | kept HD95 | global HD95 | bytes sent per site and round | bytes sent in all | wall time (min) |",
             "|---|---|---|---|---|---|",
@@ -213,12 +218,13 @@ def plot_comparison(result: dict[str, Any], path: Path) -> Path:
     figure, (bars, curves) = plt.subplots(1, 2, figsize=(12, 5))
     width = 0.8 / max(len(runs), 1)
     for index, (method, run) in enumerate(runs.items()):
-        values = [run["sites"][site]["test"]["personalized"]["dice"]["mean"] or 0.0 for site in sites]
+        values = [_or_nan(run["sites"][site]["test"]["personalized"]["dice"]["mean"]) for site in sites]
         bars.bar([s + index * width for s in range(len(sites))], values, width, label=method)
         series = [run["sites"][site]["curve"] for site in sites]
         rounds = series[0]["round"] if series else []
         averaged = [
-            sum(s["global_dice"][i] or 0.0 for s in series) / len(series) for i in range(min(len(s["round"]) for s in series))
+            sum(_or_nan(s["global_dice"][i]) for s in series) / len(series)
+            for i in range(min(len(s["round"]) for s in series))
         ] if series else []
         curves.plot(rounds[: len(averaged)], averaged, marker="o", label=method)
     bars.set_xticks([s + 0.4 - width / 2 for s in range(len(sites))], sites)

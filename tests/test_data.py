@@ -79,6 +79,9 @@ def test_the_three_way_split_is_by_case_deterministic_and_needs_enough_cases():
     assert (len(five.train_cases), len(five.val_cases), len(five.test_cases)) == (3, 1, 1)
     with pytest.raises(DataError, match=r"site a has 2 case\(s\); .* needs at least 3"):
         SiteSplit.of("a", cases[:2], val_fraction=0.1, test_fraction=0.2, seed=0)
+    with pytest.raises(ValueError, match="val_fraction \\+ test_fraction must be below 1, got 0.6 \\+ 0.5"):
+        SiteSplit.of("a", cases, val_fraction=0.6, test_fraction=0.5, seed=0)
+    assert SiteSplit.of("a", cases, val_fraction=0.1, test_fraction=0, seed=0).test_cases == []  # 0: no test set
 
 
 def test_make_data_is_byte_identical(tmp_path):

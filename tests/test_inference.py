@@ -53,7 +53,7 @@ def test_keeping_a_model_fits_the_experts_and_leaves_the_trainer_as_it_was(site)
     assert kept.backbone_sha256 is None and kept.preprocessing["labels"] == ["foreground"]
 
 
-def test_the_file_holds_no_frozen_weight_and_scores_like_the_trainers_model(site, tmp_path):
+def test_the_file_holds_no_frozen_weight_and_its_two_paths_are_the_models(site, tmp_path):
     root, data, trainer, _ = site
     kept = keep_model(trainer, trainer.global_state(), data.labels, OPTIONS, about={})
     path = kept.save(tmp_path / "personalized_model.pt")
@@ -76,16 +76,22 @@ def test_the_file_holds_no_frozen_weight_and_scores_like_the_trainers_model(site
     assert 0.0 <= summary["personalized"]["dice"]["mean"] <= 1.0
 
 
-def test_a_prediction_comes_back_in_the_cases_own_grid(tmp_path, site):
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_a_prediction_comes_back_in_the_cases_own_grid_plane_by_plane(site, axis):
     _, data, trainer, _ = site
     kept = keep_model(trainer, trainer.global_state(), data.labels, OPTIONS, about={})
     segmenter = Segmenter(kept)
+    segmenter.axis, segmenter.clip_percentiles = axis, (0.0, 100.0)  # every plane spans [0, 1]: no rescaling
     volume = np.random.default_rng(0).random((1, 37, 52, 5)).astype(np.float32)
-    logits = segmenter.logits(volume, ("global",))
-    assert logits["global"].shape == (1, 37, 52, 5)
-    sideways = Segmenter(kept)
-    sideways.axis = 0
-    assert sideways.logits(volume, ("global",))["global"].shape == (1, 37, 52, 5)
+    volume[0, 0], volume[0, 1] = 0.0, 1.0  # min and max in every plane of every axis...
+    volume[0, :, 0], volume[0, :, 1] = 0.0, 1.0
+    volume[0, :, :, 0], volume[0, :, :, 1] = 0.0, 1.0
+    logits = segmenter.logits(volume, ("global",))["global"]
+    assert logits.shape == (1, 37, 52, 5)
+    for index in (2, 4):  # ...so each plane's own logits, as a 2D image, land exactly where the plane was
+        plane = np.take(volume, index, axis=axis + 1)
+        alone = segmenter.logits(plane, ("global",))["global"]
+        torch.testing.assert_close(torch.from_numpy(np.take(logits.numpy(), index, axis=axis + 1)), alone)
 
 
 def test_bad_model_files_are_refused_with_their_name(site, tmp_path):
@@ -108,6 +114,34 @@ def test_bad_model_files_are_refused_with_their_name(site, tmp_path):
     kept.backbone_sha256 = "0" * 64  # trained on other backbone weights than these
     with pytest.raises(CheckpointError, match="this model was trained on 0000"):
         kept.build()
+
+
+def test_the_spacing_of_a_nifti_file_reaches_the_scores_in_its_axis_order(tmp_path, monkeypatch):
+    for folder in ("images", "masks"):
+        (tmp_path / "s" / folder).mkdir(parents=True)
+    mask = np.zeros((30, 40, 6), np.uint8)
+    mask[10:20, 10:20, 2:4] = 1
+    affine = np.diag([0.5, 0.7, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(mask.astype(np.float32), affine), tmp_path / "s" / "images" / "a.nii.gz")
+    nib.save(nib.Nifti1Image(mask, affine), tmp_path / "s" / "masks" / "a.nii.gz")
+    from pfedsam_nvflare.data import find_cases
+    from pfedsam_nvflare.data.reading import read_case
+    from pfedsam_nvflare.inference import evaluate_cases
+
+    case = find_cases(tmp_path, "s")[0]
+    assert read_case(case, Labels()).spacing == pytest.approx((0.5, 0.7, 3.0))
+
+    class OneSliceTooFar:  # a segmenter whose prediction reaches one slice beyond the truth, along the third axis
+        kept = type("Kept", (), {"labels": ["foreground"], "preprocessing": {"nested": False}})()
+
+        def logits(self, image, paths, prompt_masks=None):
+            shifted = torch.from_numpy(prompt_masks.copy())
+            shifted[..., 4] = shifted[..., 3]
+            return {path: shifted * 2 - 1 for path in paths}
+
+    scores = evaluate_cases(OneSliceTooFar(), [case], Labels(), paths=("global",)).scores["global"]["a"]
+    assert scores["hd95"][0] == pytest.approx(3.0)  # one slice of 3 mm, not 0.5 or 0.7
+    assert scores["dice"][0] == pytest.approx(2 * 200 / (200 + 300))
 
 
 def test_a_nifti_case_is_scored_in_millimetres(tmp_path, site):

@@ -231,3 +231,21 @@ def test_personalize_refits_the_experts_to_a_global_partition_and_changes_nothin
     assert _equal(before, _states(trainer), before) and (tmp_path / STATE_FILE).read_bytes() == state_file
     assert _equal(kept.global_state, final, final) and kept.rounds_done == 1
     assert not _equal(kept.local_state, trainer.local_state(), kept.local_state)
+
+
+def test_the_global_to_local_teacher_is_the_received_model_in_either_phase_order(tmp_path, monkeypatch):
+    data = make_site(4, seed=14)
+    seen = []
+    original = LocalTrainer._logits
+
+    def recording(self, personalized, samples=None):
+        seen.append(self.global_state())
+        return original(self, personalized, samples)
+
+    monkeypatch.setattr(LocalTrainer, "_logits", recording)
+    for order in ("local_first", "global_first"):
+        trainer = LocalTrainer(TINY, TrainerConfig(kd_direction="global_to_local", phase_order=order), data, None, tmp_path / order)
+        received = trainer.global_state()
+        seen.clear()
+        trainer.run_round(received)
+        assert len(seen) == 1 and _equal(seen[0], received, received), order

@@ -20,7 +20,8 @@ from monai.transforms import Resize, SpatialPad
 @dataclass(frozen=True)
 class SliceOptions:
     """How cases become model samples. ``axis`` is the spatial axis 3D volumes are cut along;
-    ``empty_slice_fraction`` keeps that share of the training slices without foreground (all by default)."""
+    ``empty_slice_fraction`` keeps that share of the slices without foreground (all by default); the site
+    applies it to its training slices only."""
 
     image_size: int = 256
     axis: int = 2
@@ -52,12 +53,12 @@ def planes(array: np.ndarray, axis: int) -> Iterator[np.ndarray]:
         yield moved[:, index]
 
 
-def stack_planes(planes_: list[np.ndarray], axis: int, spatial_dims: int) -> np.ndarray:
+def stack_planes(parts: list[np.ndarray], axis: int, spatial_dims: int) -> np.ndarray:
     """The inverse of ``planes``: (channels, *spatial) from its planes (channels, H, W)."""
     if spatial_dims == 2:
-        (plane,) = planes_
+        (plane,) = parts
         return plane
-    return np.moveaxis(np.stack(planes_, axis=1), 1, axis + 1)
+    return np.moveaxis(np.stack(parts, axis=1), 1, axis + 1)
 
 
 def _padding(height: int, width: int) -> tuple[int, int, int]:

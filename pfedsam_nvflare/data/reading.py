@@ -38,10 +38,6 @@ def read_volume(path: Path) -> Volume:
     return Volume(array, spacing)
 
 
-def read_array(path: Path) -> np.ndarray:
-    return read_volume(path).array
-
-
 @dataclass
 class CaseData:
     image: np.ndarray  # (C, *spatial) as stored
@@ -52,7 +48,7 @@ class CaseData:
 def read_case(case: Case, labels: Labels) -> CaseData:
     """Image, label map and spacing of a case, checked against each other."""
     volume = read_volume(case.image)
-    image, mask = volume.array, read_array(case.mask)
+    image, mask = volume.array, read_volume(case.mask).array
     if mask.shape[0] > 1:
         if not (mask == mask[:1]).all():
             raise DataError(f"{case.mask}: a mask must have one channel, found {mask.shape[0]} that differ")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -102,9 +102,10 @@ def load_site(
     split = site_split(
         site, list(cases), val_fraction, test_fraction, seed, None if split_file is None else Path(split_file)
     )
+    every_slice = replace(options, empty_slice_fraction=1.0)  # validation scores every slice
     sets = {
-        name: SiteDataset([s for case in split.cases(name) for s in case_samples(cases[case], labels, options, seed)])
-        for name in ("train", "val")
+        name: SiteDataset([s for case in split.cases(name) for s in case_samples(cases[case], labels, kept, seed)])
+        for name, kept in (("train", options), ("val", every_slice))
     }
     logger.info(
         "site %s: %d training cases (%d slices), %d validation cases (%d slices), %d test cases",

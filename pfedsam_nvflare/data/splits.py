@@ -3,6 +3,7 @@ by slice, deterministic by seed, and written next to the site's state so it can 
 
 from __future__ import annotations
 
+import itertools
 import json
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_write_text
 from .layout import DataError
 
 SPLITS = ("train", "val", "test")
@@ -22,7 +24,7 @@ def _count(fraction: float, cases: int) -> int:
 @dataclass
 class SiteSplit:
     """Training cases fit the model, validation cases select (best round, settings), test cases are evaluated
-    once at the end and never choose anything."""
+    once at the end and never choose anything. A fraction above 0 gives its set at least one case; 0 gives none."""
 
     site: str
     seed: int
@@ -37,15 +39,21 @@ class SiteSplit:
         for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 <= fraction < 1.0:
                 raise ValueError(f"{name} must be within [0, 1), got {fraction}")
+        if val_fraction + test_fraction >= 1.0:
+            raise ValueError(f"val_fraction + test_fraction must be below 1, got {val_fraction} + {test_fraction}")
         names = sorted(cases)
-        num_val, num_test = _count(val_fraction, len(names)), _count(test_fraction, len(names))
-        if len(names) - num_val - num_test < 1:
-            needed = next(n for n in range(1, 1000) if n - _count(val_fraction, n) - _count(test_fraction, n) >= 1)
+
+        def training_cases(count: int) -> int:
+            return count - _count(val_fraction, count) - _count(test_fraction, count)
+
+        if training_cases(len(names)) < 1:
+            needed = next(n for n in itertools.count(len(names) + 1) if training_cases(n) >= 1)  # ends: the sum is < 1
             raise DataError(
                 f"site {site} has {len(names)} case(s); a split by case with val_fraction={val_fraction} and "
-                f"test_fraction={test_fraction} needs at least {needed}, so that training, validation and test sets "
-                "are all non-empty"
+                f"test_fraction={test_fraction} needs at least {needed}, so that every set asked for "
+                "(training, validation, test) has a case"
             )
+        num_val, num_test = _count(val_fraction, len(names)), _count(test_fraction, len(names))
         order = [names[i] for i in np.random.default_rng([seed, zlib.crc32(site.encode())]).permutation(len(names))]
         test, val = sorted(order[:num_test]), sorted(order[num_test : num_test + num_val])
         train = [name for name in names if name not in set(test) | set(val)]
@@ -59,8 +67,7 @@ class SiteSplit:
         return list(getattr(self, f"{split}_cases"))
 
     def write(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        atomic_write_text(json.dumps(asdict(self), indent=2) + "\n", path)
 
     @classmethod
     def read(cls, path: Path) -> SiteSplit:

@@ -21,6 +21,7 @@ from ..atomic import atomic_write_text
 from ..data.config import DataConfig, resolve_root
 from ..data.layout import DataError, Labels, list_sites
 from ..model import ModelConfig
+from ..model.pfedsam import PATHS
 from ..reports import FINAL_MODEL, comparison_markdown, plot_comparison
 from ..training import TrainerConfig
 from .jobs import JOB_DATA, JOB_MODEL, job_recipe, job_trainer
@@ -61,10 +62,11 @@ def parse_value(text: str) -> Any:
 def apply_settings(
     model: ModelConfig, trainer: TrainerConfig, changes: dict[str, Any]
 ) -> tuple[ModelConfig, TrainerConfig]:
-    """``changes`` applied to whichever of the two configurations owns each name."""
+    """``changes`` applied to whichever of the two configurations owns each name (``seed``, owned by both, to
+    both: the adapters' initial weights and the order of the training batches)."""
     model_fields, trainer_fields = {f.name for f in fields(ModelConfig)}, {f.name for f in fields(TrainerConfig)}
     model_changes = {k: v for k, v in changes.items() if k in model_fields}
-    trainer_changes = {k: v for k, v in changes.items() if k in trainer_fields and k not in model_fields}
+    trainer_changes = {k: v for k, v in changes.items() if k in trainer_fields}
     unknown = set(changes) - set(model_changes) - set(trainer_changes)
     if unknown:
         raise ValueError(
@@ -163,14 +165,19 @@ class Comparison:
             return {"status": "failed", "error": f"{type(error).__name__}: {error}", "wall_seconds": 0.0}
         allow_pfedsam_in(workspace / "local")
         log = self.out / "runs" / f"{variant.job_name}.log"
-        returncode = _simulate(self.out / "jobs" / variant.job_name, workspace, sites, log)
+        try:
+            returncode = _simulate(self.out / "jobs" / variant.job_name, workspace, sites, log)
+        except OSError as error:
+            return {"status": "failed", "error": f"the simulator did not run: {error}", "wall_seconds": 0.0}
         outcome: dict[str, Any] = {"wall_seconds": round(time.monotonic() - began, 1), "log": str(log)}
         metrics_file = workspace / "server" / "simulate_job" / METRICS_FILE
-        if not metrics_file.exists():
-            return {**outcome, "status": "failed", "error": f"no {METRICS_FILE} (simulator exit {returncode}); see {log}"}
-        metrics = json.loads(metrics_file.read_text())
+        try:
+            metrics = json.loads(metrics_file.read_text())
+        except (OSError, ValueError) as error:
+            reason = f"no readable {METRICS_FILE} ({type(error).__name__}; simulator exit {returncode}); see {log}"
+            return {**outcome, "status": "failed", "error": reason}
         summary = summarise_run(metrics, sites)
-        missing = [site for site in sites if "test" not in summary.get(site, {})]
+        missing = [site for site in sites if not summary[site].get("test", {}).get("cases")]
         if returncode != 0 or missing:
             reason = f"simulator exit {returncode}" + (f", no test results from {', '.join(missing)}" if missing else "")
             return {**outcome, "status": "failed", "error": f"{reason}; see {log}", "sites": summary}
@@ -228,14 +235,14 @@ def summarise_run(metrics: dict[str, Any], sites: list[str]) -> dict[str, Any]:
     return summary
 
 
-def mean_over_sites(summary: dict[str, Any]) -> dict[str, float]:
-    """The mean over sites of each site's mean over labels, for both paths; and the bytes."""
-    means: dict[str, float] = {}
-    for path in ("personalized", "global"):
+def mean_over_sites(summary: dict[str, Any]) -> dict[str, float | None]:
+    """The mean over sites of each site's mean over labels, for both paths (``None`` if a site has none); and the
+    bytes."""
+    means: dict[str, float | None] = {}
+    for path in PATHS:
         for metric in ("dice", "hd95"):
             values = [site["test"][path][metric]["mean"] for site in summary.values()]
-            values = [v for v in values if v is not None]
-            means[f"{path}_{metric}"] = sum(values) / len(values) if values else float("nan")
+            means[f"{path}_{metric}"] = None if None in values else sum(values) / len(values)
     means["bytes_sent_per_round"] = sum(site["bytes_sent_per_round"] for site in summary.values()) / len(summary)
     means["bytes_sent_total"] = sum(site["bytes_sent_total"] for site in summary.values())
     return means

@@ -47,6 +47,7 @@ def kept_model_file(model_owner: str) -> str:
     """The site's file for the model it keeps with a server model: ``SRV_FL_global_model.pt`` gives
     ``personalized_model.pt``, ``SRV_best_FL_global_model.pt`` gives ``best_personalized_model.pt``."""
     name = model_owner.removeprefix("SRV_").replace("FL_global_model", "personalized_model")
+    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in name).lstrip(".")  # a file name, nothing more
     return name if name.endswith(".pt") else f"{name}.pt"
 
 
@@ -174,7 +175,7 @@ class PFedSAMExecutor(Executor):
         if task_name == self.train_task_name:
             return self._train(shareable, fl_ctx, abort_signal)
         if task_name == self.validate_task_name:
-            return self._validate(shareable, fl_ctx)
+            return self._validate(shareable, fl_ctx, abort_signal)
         if task_name == self.submit_model_task_name:
             return self._global_dxo(self._trainer.global_state(), DataKind.WEIGHTS, {}, fl_ctx).to_shareable()
         self.log_error(fl_ctx, f"unknown task {task_name!r}")
@@ -232,18 +233,20 @@ class PFedSAMExecutor(Executor):
         )
         return dxo.to_shareable()
 
-    def _validate(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+    def _validate(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         received = self._received_global(shareable, fl_ctx)
         if received is None:
             return make_reply(ReturnCode.BAD_TASK_DATA)
         model_owner = shareable.get_header(AppConstants.MODEL_OWNER)
         if model_owner:
-            return self._final_evaluation(str(model_owner), received, fl_ctx)
+            return self._final_evaluation(str(model_owner), received, fl_ctx, abort_signal)
         metrics = self._trainer.validate(received)
         self.log_info(fl_ctx, f"validation: {', '.join(f'{k} {v:.4g}' for k, v in metrics.items())}")
         return DXO(DataKind.METRICS, finite_or_none(metrics)).to_shareable()
 
-    def _final_evaluation(self, model_owner: str, received: dict[str, np.ndarray], fl_ctx: FLContext) -> Shareable:
+    def _final_evaluation(
+        self, model_owner: str, received: dict[str, np.ndarray], fl_ctx: FLContext, abort_signal: Signal
+    ) -> Shareable:
         """Keep ``received`` with this site's own part fitted to it, write the model file, score it from the file.
         A global partition equal to one kept before (the best model is often the last) is kept the same way
         without computing it again: the local phase is seeded, so the result would be identical."""
@@ -261,12 +264,20 @@ class PFedSAMExecutor(Executor):
             self.log_info(fl_ctx, f"{site}: {model_owner} equals a global model already kept; reusing its evaluation")
         else:
             self.log_info(fl_ctx, f"{site}: final evaluation of {model_owner}: fitting the site's own part to it")
-            kept = keep_model(self._trainer, received, self._site_data.labels, self._options, about=about)
+            try:
+                kept = keep_model(
+                    self._trainer, received, self._site_data.labels, self._options, about=about,
+                    should_abort=lambda: abort_signal.triggered,
+                )
+            except TrainingAborted as aborted:
+                self.log_info(fl_ctx, str(aborted))
+                return make_reply(ReturnCode.TASK_ABORTED)
             scores = None
         path = kept.save(self._site_dir / kept_model_file(model_owner))
         if scores is None:
             case_sets = {name: self._site_data.split_cases(name) for name in ("val", "test")}
-            scores = evaluate_model_file(path, case_sets, self._site_data.labels)
+            device = self._trainer.config.device
+            scores = evaluate_model_file(path, case_sets, self._site_data.labels, device=device)
             self._kept[digest] = kept, scores
         report: dict[str, Any] = {"model_file": path.name, "rounds_done": kept.about["rounds_done"]}
         for name, evaluation in scores.items():

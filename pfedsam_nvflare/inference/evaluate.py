@@ -15,7 +15,8 @@ import torch
 from ..data.layout import Case, DataError, Labels
 from ..data.reading import read_case
 from ..training.metrics import case_scores
-from .segment import PATHS, Segmenter
+from ..model.pfedsam import PATHS
+from .segment import Segmenter
 
 logger = logging.getLogger(__name__)
 METRICS = ("dice", "hd95")
@@ -63,11 +64,9 @@ def evaluate_cases(
     segmenter: Segmenter, cases: list[Case], labels: Labels, paths: tuple[str, ...] = PATHS
 ) -> Evaluation:
     """Segment every case whole with each path of ``segmenter`` and score it against its mask."""
-    if list(labels.names) != segmenter.kept.labels:
-        raise DataError(
-            f"the data's labels {list(labels.names)} are not the labels the model was trained on "
-            f"{segmenter.kept.labels}"
-        )
+    trained_on = Labels(tuple(segmenter.kept.labels), bool(segmenter.kept.preprocessing["nested"]))
+    if labels != trained_on:
+        raise DataError(f"the data's labels {labels} are not the labels the model was trained on: {trained_on}")
     evaluation = Evaluation(list(labels.names), {path: {} for path in paths})
     for index, case in enumerate(cases, start=1):
         data = read_case(case, labels)

@@ -3,6 +3,7 @@ site's own cases, computed from that file (so the reported numbers are those of 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +17,19 @@ from .segment import Segmenter
 
 
 def keep_model(
-    trainer: LocalTrainer, global_state: Any, labels: Labels, options: SliceOptions, about: dict[str, Any]
+    trainer: LocalTrainer,
+    global_state: Any,
+    labels: Labels,
+    options: SliceOptions,
+    about: dict[str, Any],
+    should_abort: Callable[[], bool] = lambda: False,
 ) -> KeptModel:
     """The model the site keeps with ``global_state``: that global partition, and the site's own part fitted to it
     by one more local phase (``LocalTrainer.personalize``)."""
-    personalized = trainer.personalize(global_state)
+    personalized = trainer.personalize(global_state, should_abort)
     config = trainer.model_config
     return KeptModel(
-        model=config,
+        config=config,
         global_state=personalized.global_state,
         local_state=personalized.local_state,
         personal_state=personalized.personal_state,

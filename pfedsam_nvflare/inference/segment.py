@@ -12,10 +12,8 @@ import torch
 from ..data.preprocess import from_model_grid, model_input, normalise, planes, stack_planes, to_model_grid
 from ..model.kept import KeptModel
 from ..model.partition import GLOBAL
+from ..model.pfedsam import PATHS
 from ..training.samples import boxes_from_masks
-
-PATHS = ("personalized", "global")
-
 
 class Segmenter:
     """A kept model's ``personalized`` path (its experts, or Ditto's personal copy) and its ``global``-only path."""
@@ -31,7 +29,7 @@ class Segmenter:
         self.clip_percentiles = tuple(settings["clip_percentiles"])
         self._loaded = "global"  # which global-partition weights the model holds
 
-    def _weights(self, path: str):
+    def _path(self, path: str):
         """The model set up for ``path``: Ditto's personal copy swapped in where there is one, experts on or off."""
         wanted = "personal" if path == "personalized" and self.kept.personal_state is not None else "global"
         if wanted != self._loaded:
@@ -62,7 +60,7 @@ class Segmenter:
                 boxes = boxes_from_masks(grid).to(self.device)
             prefix = self.model.encode_prefix(inputs)
             for path in paths:
-                with self._weights(path):
+                with self._path(path):
                     grid_logits = self.model(prefix=prefix, boxes=boxes).cpu()
                 out[path].extend(from_model_grid(grid_logits, height, width))
         spatial_dims = image.ndim - 1

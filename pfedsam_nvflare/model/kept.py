@@ -30,7 +30,7 @@ class KeptModel:
     ``image_size``, ``axis``, ``clip_percentiles``, ``labels`` and ``nested``, as the data was prepared in
     training. ``about``: where the model comes from (site, method, rounds, the global model it was built on)."""
 
-    model: ModelConfig
+    config: ModelConfig
     global_state: dict[str, torch.Tensor]
     local_state: dict[str, torch.Tensor]
     personal_state: dict[str, torch.Tensor] | None
@@ -45,7 +45,7 @@ class KeptModel:
     def save(self, path: str | Path) -> Path:
         payload = {
             "format": KEPT_MODEL_FORMAT,
-            "model": self.model.to_dict(),
+            "model": self.config.to_dict(),
             "global": self.global_state,
             "local": self.local_state,
             "personal": self.personal_state,
@@ -58,7 +58,7 @@ class KeptModel:
     def build(self, checkpoint: str | Path | None = None, device: str = "cpu") -> tuple[PFedSAM, Partition]:
         """The model with its global and local partitions loaded. ``checkpoint`` overrides the path recorded in the
         settings (a site may keep the backbone elsewhere); its SHA-256 must match the recorded one."""
-        config = self.model
+        config = self.config
         if checkpoint is not None:
             config = ModelConfig.from_dict({**config.to_dict(), "checkpoint": str(checkpoint)})
         actual = backbone_sha256(config.backbone, config.checkpoint)
@@ -96,7 +96,7 @@ def load_kept_model(path: str | Path) -> KeptModel:
         raise KeptModelError(f"{path} is not a pfedsam_nvflare model file ({KEPT_MODEL_FORMAT})")
     try:
         kept = KeptModel(
-            model=ModelConfig.from_dict(payload["model"]),
+            config=ModelConfig.from_dict(payload["model"]),
             global_state=dict(payload["global"]),
             local_state=dict(payload["local"]),
             personal_state=None if payload["personal"] is None else dict(payload["personal"]),

@@ -16,6 +16,8 @@ from .adapters import AdaptedLinear, ExpertMixture, LowRankAdapter
 from .backbones import BACKBONES, Backbone, build_backbone, encoder_steps
 
 PROMPT_MODES = ("none", "box")
+# The model's two paths: with the site's own part (its experts, or Ditto's personal copy), and the global part alone.
+PATHS = ("personalized", "global")
 DECODER_MODES = ("full", "lora", "frozen")
 # The decoder layers that ``decoder="lora"`` adapts: attention projections and MLP layers of its transformer.
 DECODER_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "out_proj", "lin1", "lin2")

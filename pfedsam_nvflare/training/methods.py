@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 from ..model import ModelConfig
 
-LOCAL_PHASES = ("experts", "personal")
+EXPERTS, PERSONAL = "experts", "personal"  # the two kinds of local phase
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class Method:
 
     @property
     def experts(self) -> bool:
-        return self.local_phase == "experts"
+        return self.local_phase == EXPERTS
 
     def model_config(self, base: ModelConfig) -> ModelConfig:
         if self.full_finetune:
@@ -42,11 +42,11 @@ class Method:
 
 
 METHODS = {
-    "pfedsam": Method("pfedsam", local_phase="experts", full_finetune=False, aggregate=True),
+    "pfedsam": Method("pfedsam", local_phase=EXPERTS, full_finetune=False, aggregate=True),
     "fedavg": Method("fedavg", local_phase=None, full_finetune=False, aggregate=True),
-    "local": Method("local", local_phase="experts", full_finetune=False, aggregate=False),
+    "local": Method("local", local_phase=EXPERTS, full_finetune=False, aggregate=False),
     "fedsam": Method("fedsam", local_phase=None, full_finetune=True, aggregate=True),
-    "ditto": Method("ditto", local_phase="personal", full_finetune=False, aggregate=True),
+    "ditto": Method("ditto", local_phase=PERSONAL, full_finetune=False, aggregate=True),
 }
 
 

@@ -21,8 +21,9 @@ import torch
 
 from ..model import ModelConfig, Partition, PFedSAM, build_pfedsam
 from ..model.partition import GLOBAL, LOCAL
+from ..model.pfedsam import PATHS
 from .losses import SegmentationLoss, distillation_loss
-from .methods import get_method
+from .methods import PERSONAL, get_method
 from .metrics import SegmentationScores
 from .samples import SampleStore
 from .site_state import SiteStateError, load_site_state, save_site_state
@@ -31,7 +32,6 @@ logger = logging.getLogger(__name__)
 
 KD_DIRECTIONS = ("local_to_global", "global_to_local", "none")
 PHASE_ORDERS = ("local_first", "global_first")
-PERSONAL = "personal"  # Ditto's phase and optimiser: the personal copy of the global partition
 
 
 def _float_state(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -101,7 +101,7 @@ class RoundResult:
 
 
 @dataclass
-class Personalized:
+class KeptWeights:
     """The weights of the model a site keeps: the global partition it runs with, its local partition and, for
     Ditto, its personal copy of the global partition (used on the personalized path instead of ``global_state``)."""
 
@@ -139,7 +139,7 @@ class LocalTrainer:
             None if val_data is None else SampleStore(val_data, self.model, cache_prefix=config.cache_features, name="validation")
         )
         roles = {GLOBAL: (GLOBAL, config.lr_global), LOCAL: (LOCAL, config.lr_local), PERSONAL: (GLOBAL, config.lr_local)}
-        if self.method.local_phase != "personal":
+        if self.method.local_phase != PERSONAL:
             del roles[PERSONAL]
         self.optimizers = {
             name: torch.optim.AdamW(
@@ -275,15 +275,20 @@ class LocalTrainer:
         stage: str | None = None,
     ) -> dict[str, float]:
         """The site's own part learns on the global partition now in the model: the experts (with the received
-        global model as teacher under ``global_to_local``), or Ditto's personal copy, pulled toward ``received``."""
+        global model as teacher under ``global_to_local``), or Ditto's personal copy (made from ``received`` the
+        first time), pulled toward ``received``."""
         config = self.config
         if not config.local_epochs or self.method.local_phase is None:
             return {}
         if self.method.local_phase == PERSONAL:
-            with self._personal_weights(received, keep=True):
+            with self._global_weights(self.personal if self.personal is not None else received):
                 loss = self._phase(PERSONAL, round_index, None, should_abort, proximal_to=received, stage=stage)
+                self.personal = self.global_state()
             return {"local_loss": loss}
-        teacher = self._logits(personalized=False) if config.kd_direction == "global_to_local" else None
+        teacher = None
+        if config.kd_direction == "global_to_local":  # the received model, also when the global phase came first
+            with self._global_weights(received):
+                teacher = self._logits(personalized=False)
         return {"local_loss": self._phase(LOCAL, round_index, teacher, should_abort, stage=stage)}
 
     def _global_phase(
@@ -297,15 +302,13 @@ class LocalTrainer:
         return {"global_loss": self._phase(GLOBAL, round_index, teacher, should_abort, epochs=epochs)}
 
     @contextmanager
-    def _personal_weights(self, received: Mapping[str, torch.Tensor], keep: bool) -> Iterator[None]:
-        """Ditto's personal copy in place of the global partition (made from ``received`` the first time); with
-        ``keep`` what was trained in between becomes the personal copy. The global partition comes back after."""
+    def _global_weights(self, state: Mapping[str, torch.Tensor]) -> Iterator[None]:
+        """``state`` in place of the global partition (Ditto's personal copy, the received model as a teacher);
+        the global partition comes back after."""
         current = self.global_state()
-        self.partition.load_global(self.model, self.personal if self.personal is not None else received)
+        self.partition.load_global(self.model, state)
         try:
             yield
-            if keep:
-                self.personal = self.global_state()
         finally:
             self.partition.load_global(self.model, current)
 
@@ -369,7 +372,9 @@ class LocalTrainer:
 
     # --- the model the site keeps ---
 
-    def personalize(self, global_state: Mapping[str, Any]) -> Personalized:
+    def personalize(
+        self, global_state: Mapping[str, Any], should_abort: Callable[[], bool] = lambda: False
+    ) -> KeptWeights:
         """The model this site keeps with ``global_state``: its local phase run once more on it, so that the site's
         own part fits the global partition it will run with. The trainer's state is left exactly as it was."""
         received = self._received(global_state)
@@ -377,8 +382,8 @@ class LocalTrainer:
         try:
             if not self.keeps_own_global:
                 self.partition.load_global(self.model, received)
-            self._local_phase(self.rounds_done + 1, self.global_state(), lambda: False, stage="final fit")
-            return Personalized(
+            self._local_phase(self.rounds_done + 1, self.global_state(), should_abort, stage="final fit")
+            return KeptWeights(
                 global_state=self.global_state(),
                 local_state=self.local_state(),
                 personal_state=None if self.personal is None else dict(self.personal),
@@ -395,7 +400,7 @@ class LocalTrainer:
         if not personalized:
             return self.model.global_only()
         if self.personal is not None:
-            return self._personal_weights(self.personal, keep=False)
+            return self._global_weights(self.personal)
         return nullcontext()
 
     @torch.no_grad()
@@ -408,7 +413,7 @@ class LocalTrainer:
 
     @torch.no_grad()
     def validate(
-        self, global_state: Mapping[str, Any] | None = None, paths: tuple[str, ...] = ("personalized", "global")
+        self, global_state: Mapping[str, Any] | None = None, paths: tuple[str, ...] = PATHS
     ) -> dict[str, float]:
         """Loss, Dice and HD95 per slice on the validation set, of the ``personalized`` model and of the
         ``global``-only one: the numbers of the training curves and of model selection.
