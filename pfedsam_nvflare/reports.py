@@ -195,24 +195,50 @@ def comparison_markdown(result: dict[str, Any]) -> str:
         lines += [
             "**HD95 (mm; pixels for PNG; mean over sites and labels), bytes and time**",
             "",
-            "| method | kept HD95 | global HD95 | bytes sent per site and round | bytes sent in all | wall time (min) |",
-            "|---|---|---|---|---|---|",
+            "| method | kept HD95 | global HD95 | bytes sent per site and round | bytes sent in all | wall time (min) "
+            "| validation Dice stops improving (round: global / site model) |",
+            "|---|---|---|---|---|---|---|",
         ]
         for method, run in runs.items():
             mean = run["mean"]
+            plateaus = [plateau_round(mean_curve(run, sites, key)) for key in ("global_dice", "personalized_dice")]
             lines.append(
                 f"| {method} | {_number(mean['personalized_hd95'], 2)} | {_number(mean['global_hd95'], 2)} | "
-                f"{int(mean['bytes_sent_per_round']):,} | {int(mean['bytes_sent_total']):,} | {run['wall_seconds'] / 60:.1f} |"
+                f"{int(mean['bytes_sent_per_round']):,} | {int(mean['bytes_sent_total']):,} | "
+                f"{run['wall_seconds'] / 60:.1f} | {plateaus[0]} / {plateaus[1]} |"
             )
+        lines += [
+            "",
+            "Validation Dice stops improving: the first round after which the mean over sites of the per-round "
+            "validation Dice (on slices) never rises by more than 0.01; the received global model lags the site "
+            f"model by one aggregation. A value of {result['rounds']} means it was still rising.",
+        ]
     failed = {label: run for label, run in result["methods"].items() if run.get("status") != "completed"}
     if failed:
         lines += ["", "**Failed**", ""] + [f"- {label}: {run.get('error', 'unknown error')}" for label, run in failed.items()]
     return "\n".join(lines)
 
 
+def mean_curve(run: dict[str, Any], sites: list[str], key: str) -> list[float]:
+    """A per-round validation curve (``global_dice``: the received global model; ``personalized_dice``: the site's
+    model after the round's training) averaged over sites."""
+    series = [run["sites"][site]["curve"][key] for site in sites]
+    length = min(len(s) for s in series) if series else 0
+    return [sum(_or_nan(s[i]) for s in series) / len(series) for i in range(length)]
+
+
+def plateau_round(curve: list[float], tolerance: float = 0.01) -> int | None:
+    """The first round (1-based) after which the curve never rises more than ``tolerance`` above its value there."""
+    for index, value in enumerate(curve):
+        if all(later <= value + tolerance for later in curve[index + 1 :]):
+            return index + 1
+    return None
+
+
 def plot_comparison(result: dict[str, Any], path: Path) -> Path:
-    """Left: per-site bars of the kept model's test Dice, one bar per method. Right: the per-round validation Dice
-    of the received global model, averaged over sites (training curves)."""
+    """Left: per-site bars of the kept model's test Dice, one bar per method. Right: the per-round validation Dice,
+    averaged over sites, of the received global model (solid) and of the site's model after the round's training
+    (dashed): training curves."""
     runs = _completed(result)
     sites = result["data"]["sites"]
     figure, (bars, curves) = plt.subplots(1, 2, figsize=(12, 5))
@@ -220,13 +246,11 @@ def plot_comparison(result: dict[str, Any], path: Path) -> Path:
     for index, (method, run) in enumerate(runs.items()):
         values = [_or_nan(run["sites"][site]["test"]["personalized"]["dice"]["mean"]) for site in sites]
         bars.bar([s + index * width for s in range(len(sites))], values, width, label=method)
-        series = [run["sites"][site]["curve"] for site in sites]
-        rounds = series[0]["round"] if series else []
-        averaged = [
-            sum(_or_nan(s["global_dice"][i]) for s in series) / len(series)
-            for i in range(min(len(s["round"]) for s in series))
-        ] if series else []
-        curves.plot(rounds[: len(averaged)], averaged, marker="o", label=method)
+        colour = f"C{index}"
+        for key, style in (("global_dice", "-"), ("personalized_dice", "--")):
+            curve = mean_curve(run, sites, key)
+            curves.plot(range(1, len(curve) + 1), curve, style, marker="o", markersize=3, color=colour,
+                        label=method if key == "global_dice" else None)
     bars.set_xticks([s + 0.4 - width / 2 for s in range(len(sites))], sites)
     bars.set_ylabel("test Dice")
     bars.set_title("the model each site keeps, on its test cases", fontsize=10)
@@ -234,8 +258,9 @@ def plot_comparison(result: dict[str, Any], path: Path) -> Path:
     bars.legend(fontsize=8)
     curves.set_xlabel("round")
     curves.set_ylabel("validation Dice (mean over sites)")
-    curves.set_title("received global model, per round", fontsize=10)
+    curves.set_title("received global model (solid), site model after training (dashed)", fontsize=10)
     curves.xaxis.set_major_locator(MaxNLocator(integer=True))
     curves.grid(alpha=0.3)
+    curves.legend(fontsize=8)
     figure.suptitle(f"{len(sites)} sites, {result['rounds']} rounds", fontsize=11)
     return _save(figure, path)
