@@ -183,7 +183,8 @@ def comparison_markdown(result: dict[str, Any]) -> str:
     ]
     if runs:
         methods = list(runs)
-        for path, title in (("personalized", "Test Dice of the kept model"), ("global", "Test Dice of the global model")):
+        titles = {"personalized": "Test Dice of the kept model", "global": "Test Dice of the global model"}
+        for path, title in titles.items():
             lines += [f"**{title}**", "", "| site | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
             for site in sites:
                 cells = [_site_cell(runs[m], site, path, labels) for m in methods]
@@ -195,27 +196,34 @@ def comparison_markdown(result: dict[str, Any]) -> str:
         lines += [
             "**HD95 (mm; pixels for PNG; mean over sites and labels), bytes and time**",
             "",
-            "| method | kept HD95 | global HD95 | bytes sent per site and round | bytes sent in all | wall time (min) "
-            "| validation Dice stops improving (round: global / site model) |",
-            "|---|---|---|---|---|---|---|",
+            "| method | kept validation Dice | kept HD95 | global HD95 | bytes sent per site and round "
+            "| bytes sent in all | wall time (min) | validation Dice stops improving (round: global / site model) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for method, run in runs.items():
             mean = run["mean"]
             plateaus = [plateau_round(mean_curve(run, sites, key)) for key in ("global_dice", "personalized_dice")]
+            validation = [
+                run["sites"][site].get("val", {}).get("personalized", {}).get("dice", {}).get("mean") for site in sites
+            ]
             lines.append(
-                f"| {method} | {_number(mean['personalized_hd95'], 2)} | {_number(mean['global_hd95'], 2)} | "
+                f"| {method} | {_number(None if None in validation else sum(validation) / len(validation))} | "
+                f"{_number(mean['personalized_hd95'], 2)} | {_number(mean['global_hd95'], 2)} | "
                 f"{int(mean['bytes_sent_per_round']):,} | {int(mean['bytes_sent_total']):,} | "
                 f"{run['wall_seconds'] / 60:.1f} | {plateaus[0]} / {plateaus[1]} |"
             )
         lines += [
             "",
-            "Validation Dice stops improving: the first round after which the mean over sites of the per-round "
+            "Kept validation Dice: the kept models on the sites' validation cases (mean over sites), the number to "
+            "choose settings by. Validation Dice stops improving: the first round after which the mean over sites of "
+            "the per-round "
             "validation Dice (on slices) never rises by more than 0.01; the received global model lags the site "
             f"model by one aggregation. A value of {result['rounds']} means it was still rising.",
         ]
     failed = {label: run for label, run in result["methods"].items() if run.get("status") != "completed"}
     if failed:
-        lines += ["", "**Failed**", ""] + [f"- {label}: {run.get('error', 'unknown error')}" for label, run in failed.items()]
+        lines += ["", "**Failed**", ""]
+        lines += [f"- {label}: {run.get('error', 'unknown error')}" for label, run in failed.items()]
     return "\n".join(lines)
 
 
