@@ -5,6 +5,12 @@ Training steps start from the cached frozen prefix, as ``LocalTrainer`` runs the
 computed once per image and timed separately. Inference runs from pixels.
 
     python benchmarks/step_time.py [--repeats 3] [--blocks all 8 2] [--threads N]
+    python benchmarks/step_time.py --levers [--repeats 3]
+
+``--levers`` times the job's setting (adapters in the last two blocks) with each speed lever tried: the mask
+decoder one image at a time (as SAM's own ``predict_masks`` runs) or batched, then channels-last memory, bfloat16
+autocast and ``torch.compile`` on top of the batched decoder; the loss of the first step shows whether a lever
+changes the numbers.
 """
 
 from __future__ import annotations
@@ -12,11 +18,18 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from unittest import mock
 
 import torch
 
 from pfedsam_nvflare.model import ModelConfig, Partition, build_pfedsam
+from pfedsam_nvflare.model import decoder as batched_decoder
 from pfedsam_nvflare.training.losses import SegmentationLoss
+
+JOB_SETTING = ModelConfig(backbone="lite_medsam", adapted_blocks=2, decoder="lora")
+LEVERS = ("per-image decoder", "batched decoder", "channels_last", "bf16 autocast", "torch.compile")
 
 
 def _per_second(images: int, run, repeats: int) -> float:
@@ -27,20 +40,47 @@ def _per_second(images: int, run, repeats: int) -> float:
     return images * repeats / (time.perf_counter() - began)
 
 
-def measure(adapted_blocks: int | None, batch: int, repeats: int) -> dict[str, float]:
-    model = build_pfedsam(ModelConfig(backbone="lite_medsam", adapted_blocks=adapted_blocks))
+def _one_image_at_a_time(decoder, embeddings, image_pe, sparse, dense, num_masks):
+    return torch.cat(
+        [
+            batched_decoder.predict_masks(decoder, embeddings[i : i + 1], image_pe, sparse[i : i + 1], dense[i : i + 1], num_masks)
+            for i in range(embeddings.shape[0])
+        ]
+    )
+
+
+@contextmanager
+def _decoder(lever: str) -> Iterator[None]:
+    if lever == "per-image decoder":
+        with mock.patch("pfedsam_nvflare.model.pfedsam.predict_masks", _one_image_at_a_time):
+            yield
+    else:
+        yield
+
+
+def measure(config: ModelConfig, batch: int, repeats: int, lever: str = "batched decoder") -> dict[str, float]:
+    """Images per second of a training step from the cached prefix, of inference from pixels and of the prefix
+    itself, with ``lever``; the first step's loss; the partition's sizes."""
+    model = build_pfedsam(config)
     partition = Partition.of(model)
     images = torch.rand(batch, 3, 256, 256, generator=torch.Generator().manual_seed(0))
-    masks = (torch.rand(batch, 1, 256, 256) > 0.5).float()
-    loss_fn = SegmentationLoss()
-    optimizer = torch.optim.AdamW(partition.parameters(model, "global"), lr=1e-4)
+    masks = (torch.rand(batch, 1, 256, 256, generator=torch.Generator().manual_seed(1)) > 0.5).float()
     with torch.no_grad():
         prefix = model.encode_prefix(images)
+    if lever == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    run = torch.compile(model) if lever == "torch.compile" else model
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if lever == "bf16 autocast" else nullcontext()
+    loss_fn = SegmentationLoss()
+    optimizer = torch.optim.AdamW(partition.parameters(model, "global"), lr=1e-4)
+    losses = []
 
     def train_step() -> None:
         model.train()
-        with model.global_only():
-            loss = loss_fn(model(prefix=prefix), masks)
+        with model.global_only(), autocast:
+            loss = loss_fn(run(prefix=prefix).float(), masks)
+        losses.append(loss.item())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -48,20 +88,39 @@ def measure(adapted_blocks: int | None, batch: int, repeats: int) -> dict[str, f
     @torch.no_grad()
     def infer() -> None:
         model.eval()
-        model(images)
+        with autocast:
+            run(images)
 
     @torch.no_grad()
     def encode() -> None:
         model.encode_prefix(images)
 
+    with _decoder(lever):
+        rates = {
+            "prefix": _per_second(batch, encode, repeats),
+            "train": _per_second(batch, train_step, repeats),
+            "infer": _per_second(batch, infer, repeats),
+        }
     return {
+        **rates,
+        "first_loss": losses[0],
         "cache_mb": prefix[0].numel() * prefix.element_size() / 2**20,
-        "prefix": _per_second(batch, encode, repeats),
-        "train": _per_second(batch, train_step, repeats),
-        "infer": _per_second(batch, infer, repeats),
         "global_values": partition.num_values("global"),
         "local_values": partition.num_values("local"),
     }
+
+
+def levers(batches: list[int], repeats: int) -> None:
+    header = f"{'lever':>18} {'batch':>5} {'train img/s':>11} {'infer img/s':>11} {'first loss':>10}"
+    print(f"adapters in the last 2 blocks, decoder LoRA (the job's setting)\n{header}\n{'-' * len(header)}")
+    for batch in batches:
+        for lever in LEVERS:
+            try:
+                row = measure(JOB_SETTING, batch, repeats, lever)
+            except Exception as error:  # a lever this machine's torch cannot run is reported, not fatal
+                print(f"{lever:>18} {batch:>5} failed: {type(error).__name__}: {str(error)[:80]}", flush=True)
+                continue
+            print(f"{lever:>18} {batch:>5} {row['train']:>11.2f} {row['infer']:>11.2f} {row['first_loss']:>10.5f}", flush=True)
 
 
 def main() -> None:
@@ -70,11 +129,15 @@ def main() -> None:
     parser.add_argument("--blocks", nargs="+", default=["all", "8", "2"], help="adapted last blocks, or 'all'")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--levers", action="store_true", help="time the speed levers on the job's setting")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning)
     print(f"LiteMedSAM 256x256, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats")
+    if args.levers:
+        levers(args.batches, args.repeats)
+        return
     header = (
         f"{'adapted blocks':>14} {'batch':>5} {'global values':>13} {'local values':>12} {'cache MB/img':>12} "
         f"{'prefix img/s':>12} {'train img/s':>11} {'infer img/s':>11}"
@@ -83,7 +146,7 @@ def main() -> None:
     print("-" * len(header))
     for blocks in args.blocks:
         for batch in args.batches:
-            row = measure(None if blocks == "all" else int(blocks), batch, args.repeats)
+            row = measure(ModelConfig(backbone="lite_medsam", adapted_blocks=None if blocks == "all" else int(blocks)), batch, args.repeats)
             print(
                 f"{blocks:>14} {batch:>5} {row['global_values']:>13,} {row['local_values']:>12,} "
                 f"{row['cache_mb']:>12.1f} {row['prefix']:>12.2f} {row['train']:>11.2f} {row['infer']:>11.2f}",

@@ -1,15 +1,19 @@
 """Unit tests of the FLARE components in NVFlare's own style: real DXOs, Shareables and FLContexts."""
 
+from argparse import Namespace
+
 import numpy as np
 import pytest
+import torch
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
-from nvflare.apis.fl_constant import ReservedKey
+from nvflare.apis.fl_constant import FLContextKey, ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.app_constant import AppConstants
 
 from pfedsam_nvflare.flare.aggregator import GlobalPartitionAggregator
 from pfedsam_nvflare.flare.filters import GlobalPartitionFilter
 from pfedsam_nvflare.flare.settings import model_config_for, reference
+from pfedsam_nvflare.flare.threads import set_thread_budget, sites_on_this_machine
 
 MODEL = {"backbone": "tiny"}
 
@@ -152,3 +156,55 @@ def test_the_filter_lets_validation_metrics_through(partition):
     metrics = DXO(DataKind.METRICS, {"personalized_dice": 0.8, "global_dice": 0.6}).to_shareable()
     result = from_shareable(GlobalPartitionFilter(model=MODEL).process(metrics, _context()))
     assert result.data_kind == DataKind.METRICS and result.data == {"personalized_dice": 0.8, "global_dice": 0.6}
+
+
+class _Workspace:
+    def __init__(self, root):
+        self.root = root
+
+    def get_root_dir(self):
+        return str(self.root)
+
+
+class _Engine:
+    def __init__(self, root):
+        self.workspace = _Workspace(root)
+
+    def get_workspace(self):
+        return self.workspace
+
+
+@pytest.mark.parametrize(("threads", "clients", "expected"), [(3, "site-1,site-2,site-3", 3), (2, "a,b,c,d", 2), (4, "a,b", 2)])
+def test_simulated_sites_share_the_machine_as_the_simulator_runs_them(threads, clients, expected):
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(FLContextKey.SIMULATE_MODE, True, private=True, sticky=True)
+    fl_ctx.set_prop(FLContextKey.ARGS, Namespace(threads=threads, clients=clients), private=True, sticky=True)
+    assert sites_on_this_machine(fl_ctx) == expected
+
+
+def test_a_poc_site_counts_the_client_kits_beside_it_and_a_lone_site_has_the_machine(tmp_path):
+    for name in ("site-1", "site-2", "server"):
+        (tmp_path / "poc" / name / "startup").mkdir(parents=True)
+    for name in ("site-1", "site-2"):
+        (tmp_path / "poc" / name / "startup" / "fed_client.json").write_text("{}")
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(ReservedKey.ENGINE, _Engine(tmp_path / "poc" / "site-1"), private=True, sticky=True)
+    assert sites_on_this_machine(fl_ctx) == 2
+    (tmp_path / "alone" / "startup").mkdir(parents=True)
+    fl_ctx.set_prop(ReservedKey.ENGINE, _Engine(tmp_path / "alone"), private=True, sticky=True)
+    assert sites_on_this_machine(fl_ctx) == 1
+
+
+def test_the_user_thread_setting_wins(monkeypatch):
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(FLContextKey.SIMULATE_MODE, True, private=True, sticky=True)
+    fl_ctx.set_prop(FLContextKey.ARGS, Namespace(threads=64, clients=",".join(f"s{i}" for i in range(64))), private=True, sticky=True)
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert set_thread_budget(fl_ctx) == (before, "OMP_NUM_THREADS")
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        threads, reason = set_thread_budget(fl_ctx)
+        assert threads == 1 and "shared by 64 site(s)" in reason
+    finally:
+        torch.set_num_threads(before)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -45,6 +46,8 @@ def test_the_job_completes(run):
     assert completed.returncode == 0, output[-5000:]
     assert "cannot start pFedSAM" not in output and "rejected the contribution" not in output
     assert "Traceback" not in output, output[output.find("Traceback") :][:3000]
+    for site in SITES:  # the three simulated sites share this machine's cores
+        assert re.search(rf"{site}: \d+ torch threads \(\d+ cores shared by 3 site\(s\) on this machine\)", output)
 
 
 def test_the_server_keeps_exactly_the_global_partition(run):

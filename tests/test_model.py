@@ -83,6 +83,19 @@ def test_multi_label_and_box_prompts():
         model(images)
 
 
+@torch.no_grad()
+def test_a_batch_decodes_like_its_images_one_at_a_time():
+    model = build_pfedsam(ModelConfig(backbone="tiny", num_labels=2, prompt="box", decoder="lora", decoder_experts=True))
+    for parameter in [*model.global_parameters(), *model.local_parameters()]:
+        parameter.normal_(std=0.1)  # adapters that have learned something
+    model.eval()
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    boxes = torch.tensor([[4.0, 4.0, 30.0, 40.0], [0.0, 0.0, 63.0, 63.0], [20.0, 10.0, 50.0, 60.0]])
+    batched = model(images, boxes)
+    one_at_a_time = torch.cat([model(images[i : i + 1], boxes[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(batched, one_at_a_time, rtol=1e-5, atol=1e-5)
+
+
 def test_wrong_image_shape_is_named():
     model = build_pfedsam(ModelConfig(backbone="tiny"))
     with pytest.raises(ValueError, match=r"expects images of shape \(B, 1 or 3, 64, 64\), got \(1, 3, 32, 32\)"):

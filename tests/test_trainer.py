@@ -236,16 +236,27 @@ def test_personalize_refits_the_experts_to_a_global_partition_and_changes_nothin
 def test_the_global_to_local_teacher_is_the_received_model_in_either_phase_order(tmp_path, monkeypatch):
     data = make_site(4, seed=14)
     seen = []
-    original = LocalTrainer._logits
+    original = LocalTrainer._teacher
 
-    def recording(self, personalized, samples=None):
-        seen.append(self.global_state())
-        return original(self, personalized, samples)
+    def recording(self, personalized, weights):
+        seen.append((personalized, {key: value.clone() for key, value in weights.items()}))
+        return original(self, personalized, weights)
 
-    monkeypatch.setattr(LocalTrainer, "_logits", recording)
+    monkeypatch.setattr(LocalTrainer, "_teacher", recording)
     for order in ("local_first", "global_first"):
         trainer = LocalTrainer(TINY, TrainerConfig(kd_direction="global_to_local", phase_order=order), data, None, tmp_path / order)
         received = trainer.global_state()
         seen.clear()
         trainer.run_round(received)
-        assert len(seen) == 1 and _equal(seen[0], received, received), order
+        assert len(seen) == 1 and seen[0][0] is False and _equal(seen[0][1], received, received), order
+
+
+def test_the_device_is_the_gpu_where_there_is_one(monkeypatch):
+    from pfedsam_nvflare.training.trainer import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda") and resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="device must be 'auto', 'cpu' or 'cuda"):
+        TrainerConfig(device="gpu")

@@ -27,49 +27,64 @@ class Sample:
     slice: int
 
 
-def case_samples(case: Case, labels: Labels, options: SliceOptions, seed: int) -> list[Sample]:
-    data = read_case(case, labels)
-    image = normalise(data.image, options.clip_percentiles)
-    masks = labels.channels(data.label_map)
-    pairs = list(zip(planes(image, options.axis), planes(masks, options.axis)))
-    empty = [index for index, (_, mask) in enumerate(pairs) if not mask.any()]
+def kept_slices(case: Case, mask_planes: list[np.ndarray], options: SliceOptions, seed: int) -> list[int]:
+    """The slices of ``case`` a set uses: every slice with foreground and a seeded share of the empty ones."""
+    empty = [index for index, mask in enumerate(mask_planes) if not mask.any()]
     dropped: set[int] = set()
     if empty and options.empty_slice_fraction < 1.0:
         generator = np.random.default_rng([seed, zlib.crc32(f"{case.site}/{case.name}".encode())])
         keep = round(options.empty_slice_fraction * len(empty))
         dropped = set(generator.permutation(empty)[keep:].tolist())
-    samples = []
-    for index, (image_plane, mask_plane) in enumerate(pairs):
-        if index in dropped:
-            continue
-        image_tensor = model_input(image_plane, options.image_size)
-        mask_tensor = to_model_grid(mask_plane, options.image_size, "nearest")
-        samples.append(Sample(image_tensor, mask_tensor, case.name, index))
-    return samples
+    return [index for index in range(len(mask_planes)) if index not in dropped]
 
 
 class SiteDataset(torch.utils.data.Dataset):
-    """Samples of a site in memory; items are ``(image, mask)``, ``samples`` says where each came from."""
+    """Slices of some of a site's cases, read from their files when asked; items are ``(image, mask)``.
 
-    def __init__(self, samples: list[Sample]) -> None:
-        self.samples = samples
+    Only the index (case, slice) stays in memory, and the planes of the last case read, so reading in order reads
+    each file once and memory does not grow with the number of slices.
+    """
+
+    def __init__(self, cases: list[Case], labels: Labels, options: SliceOptions, seed: int) -> None:
+        self.labels, self.options = labels, options
+        self._cases = {case.name: case for case in cases}
+        self._open: tuple[str, list[np.ndarray], list[np.ndarray]] | None = None
+        self.index: list[tuple[str, int]] = []
+        for case in cases:
+            _, mask_planes = self._planes(case.name)
+            self.index += [(case.name, index) for index in kept_slices(case, mask_planes, options, seed)]
+
+    def _planes(self, name: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        if self._open is None or self._open[0] != name:
+            data = read_case(self._cases[name], self.labels)
+            image = normalise(data.image, self.options.clip_percentiles)
+            axis = self.options.axis
+            self._open = (name, list(planes(image, axis)), list(planes(self.labels.channels(data.label_map), axis)))
+        return self._open[1], self._open[2]
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.index)
+
+    def sample(self, index: int) -> Sample:
+        name, plane = self.index[index]
+        image_planes, mask_planes = self._planes(name)
+        size = self.options.image_size
+        image = model_input(image_planes[plane], size)
+        return Sample(image, to_model_grid(mask_planes[plane], size, "nearest"), name, plane)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        sample = self.samples[index]
+        sample = self.sample(index)
         return sample.image, sample.mask
 
     @property
     def cases(self) -> list[str]:
-        return sorted({sample.case for sample in self.samples})
+        return sorted({name for name, _ in self.index})
 
 
 @dataclass
 class SiteData:
-    """Training and validation slices in memory; the test cases stay files until the final evaluation reads
-    them whole (``cases``)."""
+    """Training and validation slices, read when asked; the test cases stay files until the final evaluation
+    reads them whole (``cases``)."""
 
     train: SiteDataset
     val: SiteDataset
@@ -104,7 +119,7 @@ def load_site(
     )
     every_slice = replace(options, empty_slice_fraction=1.0)  # validation scores every slice
     sets = {
-        name: SiteDataset([s for case in split.cases(name) for s in case_samples(cases[case], labels, kept, seed)])
+        name: SiteDataset([cases[case] for case in split.cases(name)], labels, kept, seed)
         for name, kept in (("train", options), ("val", every_slice))
     }
     logger.info(

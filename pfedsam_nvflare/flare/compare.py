@@ -9,7 +9,6 @@ each site keeps), read from each job's ``pfedsam_metrics.json``.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -190,17 +189,15 @@ class Comparison:
 
 
 def _simulate(job: Path, workspace: Path, sites: list[str], log: Path) -> int:
-    """Run ``job`` in ``nvflare simulator`` with one process per site, each with its share of the cores; the log
-    goes to ``log`` and its progress lines to the console."""
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(sites))))
+    """Run ``job`` in ``nvflare simulator`` with one process per site (each takes its share of the cores); the
+    log goes to ``log`` and its progress lines to the console."""
     command = [
         sys.executable, "-m", "nvflare.cli", "simulator", str(job), "-w", str(workspace),
         "-c", ",".join(sites), "-t", str(len(sites)), "-l", "concise",
     ]
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as handle, subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     ) as process:
         assert process.stdout is not None
         for line in process.stdout:

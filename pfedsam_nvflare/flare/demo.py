@@ -4,7 +4,6 @@ ending with a per-site table and the paths of the pictures."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -35,11 +34,9 @@ def run_demo(workspace: str | Path, method: str = "pfedsam", num_rounds: int = 3
     """Run the job in the simulator under ``workspace/<job name>``; returns the metrics and the summary. With
     ``privacy`` every site applies ``GaussianPrivacy`` with those arguments.
 
-    The sites run side by side, one process each, each with ``cpu_count // sites`` torch threads (at least one):
-    more threads than cores make OpenMP spin, and fewer simulator threads than sites make the simulator restart
-    each site's app on every turn.
+    The sites run side by side, one process each (fewer simulator threads than sites would make the simulator
+    restart each site's app on every turn); each site takes its share of the cores.
     """
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(SITES))))
     workspace = Path(workspace).resolve()
     recipe = job_recipe(method, num_rounds=num_rounds, privacy=privacy)
     job_dir = workspace / recipe.name

@@ -32,6 +32,7 @@ from ..reports import plot_overlays
 from ..training import LocalTrainer, TrainerConfig, TrainingAborted
 from ..training.samples import boxes_from_masks
 from .settings import METRICS_META_KEY
+from .threads import set_thread_budget
 
 SITE_FOLDER = "pfedsam"  # in the site's run directory: site_state.pt, split.json, overlays.png, kept models
 
@@ -116,6 +117,8 @@ class PFedSAMExecutor(Executor):
 
     def _start(self, fl_ctx: FLContext) -> None:
         site = fl_ctx.get_identity_name()
+        threads, reason = set_thread_budget(fl_ctx)
+        self.log_info(fl_ctx, f"{site}: {threads} torch threads ({reason})")
         try:
             model_config = ModelConfig.from_dict(self.model or {})
             trainer_config = TrainerConfig.from_dict(self.trainer or {})
@@ -152,7 +155,8 @@ class PFedSAMExecutor(Executor):
 
     def _draw_overlays(self, fl_ctx: FLContext) -> None:
         assert self._site_data is not None and self._trainer is not None and self._site_dir is not None
-        samples = self._site_data.val.samples[: self.num_overlays]
+        validation = self._site_data.val
+        samples = [validation.sample(index) for index in range(min(self.num_overlays, len(validation)))]
         if not samples:
             return
         images = torch.stack([s.image for s in samples])
@@ -276,7 +280,7 @@ class PFedSAMExecutor(Executor):
         path = kept.save(self._site_dir / kept_model_file(model_owner))
         if scores is None:
             case_sets = {name: self._site_data.split_cases(name) for name in ("val", "test")}
-            device = self._trainer.config.device
+            device = self._trainer.device
             scores = evaluate_model_file(path, case_sets, self._site_data.labels, device=device)
             self._kept[digest] = kept, scores
         report: dict[str, Any] = {"model_file": path.name, "rounds_done": kept.about["rounds_done"]}

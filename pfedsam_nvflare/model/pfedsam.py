@@ -14,6 +14,7 @@ from torch import nn
 
 from .adapters import AdaptedLinear, ExpertMixture, LowRankAdapter
 from .backbones import BACKBONES, Backbone, build_backbone, encoder_steps
+from .decoder import predict_masks
 
 PROMPT_MODES = ("none", "box")
 # The model's two paths: with the site's own part (its experts, or Ditto's personal copy), and the global part alone.
@@ -202,6 +203,11 @@ class PFedSAM(nn.Module):
 
     # --- forward ---
 
+    @property
+    def encoder_steps(self) -> list[nn.Module]:
+        """The image encoder as a sequence of steps (``encoder_steps``); the first ``cache_start`` are frozen."""
+        return self._steps
+
     def _first_step_holding(self, parameters: list[nn.Parameter]) -> int:
         """Index of the first encoder step holding one of ``parameters``: ``cache_start``, before which nothing
         is ever trained, so its output can be cached."""
@@ -239,20 +245,17 @@ class PFedSAM(nn.Module):
     def _decode(self, embeddings: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:
         if (boxes is None) != (self.config.prompt == "none"):
             raise ValueError(f"prompt mode {self.config.prompt!r} {'needs' if boxes is None else 'takes no'} boxes")
-        prompt_encoder, decoder = self.sam.prompt_encoder, self.sam.mask_decoder
-        image_pe = prompt_encoder.get_dense_pe()
-        masks = []
-        for index in range(embeddings.shape[0]):  # one image at a time, as SAM's own forward does
-            box = None if boxes is None else boxes[index : index + 1]
-            sparse, dense = prompt_encoder(points=None, boxes=box, masks=None)
-            logits, _ = decoder.predict_masks(
-                image_embeddings=embeddings[index : index + 1],
-                image_pe=image_pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-            )
-            masks.append(logits[:, : self.config.num_labels])
-        logits = torch.cat(masks)
+        prompt_encoder = self.sam.prompt_encoder
+        batch = embeddings.shape[0]
+        sparse, dense = prompt_encoder(points=None, boxes=boxes, masks=None)  # batch 1 without boxes
+        logits = predict_masks(
+            self.sam.mask_decoder,
+            embeddings,
+            prompt_encoder.get_dense_pe(),
+            sparse.expand(batch, -1, -1),
+            dense.expand(batch, -1, -1, -1),
+            self.config.num_labels,
+        )
         if logits.shape[-1] != self.image_size:
             logits = F.interpolate(logits, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         return logits

@@ -25,13 +25,26 @@ from ..model.pfedsam import PATHS
 from .losses import SegmentationLoss, distillation_loss
 from .methods import PERSONAL, get_method
 from .metrics import SegmentationScores
-from .samples import SampleStore
+from .feature_cache import CACHE_DTYPES, FeatureCache
+from .samples import Batch, SampleStore
 from .site_state import SiteStateError, load_site_state, save_site_state
 
 logger = logging.getLogger(__name__)
 
 KD_DIRECTIONS = ("local_to_global", "global_to_local", "none")
 PHASE_ORDERS = ("local_first", "global_first")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto``: the GPU where there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def autocast(device: torch.device) -> Any:
+    """Mixed precision on CUDA (bfloat16: no loss scaling needed); full precision on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def _float_state(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -48,7 +61,8 @@ class TrainerConfig:
     """How a site trains. ``kd_direction``: ``local_to_global`` distils the personalized model (teacher) into
     the global-only path; ``global_to_local`` distils the received global model into the personalized one.
     ``phase_order``: ``local_first`` (the local phase, then the global phase) or ``global_first``.
-    ``ditto_lambda``: the weight of Ditto's proximal term λ/2·‖w − w_global‖²."""
+    ``ditto_lambda``: the weight of Ditto's proximal term λ/2·‖w − w_global‖². ``cache_features`` keeps the frozen
+    encoder prefix of every sample on disk (else the images), in ``cache_dtype``."""
 
     method: str = "pfedsam"
     kd_direction: str = "local_to_global"
@@ -65,7 +79,8 @@ class TrainerConfig:
     batch_size: int = 4
     seed: int = 0
     cache_features: bool = True
-    device: str = "cpu"
+    cache_dtype: str = "float16"
+    device: str = "auto"
     log_every: int = 10
 
     def __post_init__(self) -> None:
@@ -78,6 +93,10 @@ class TrainerConfig:
             raise ValueError(f"kd_temperature must be positive, got {self.kd_temperature}")
         if self.ditto_lambda < 0:
             raise ValueError(f"ditto_lambda must be at least 0, got {self.ditto_lambda}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.cache_dtype!r}")
         if self.batch_size < 1 or self.local_epochs < 0 or self.global_epochs < 0:
             raise ValueError("batch_size must be at least 1 and the epoch counts at least 0")
 
@@ -132,12 +151,14 @@ class LocalTrainer:
         self.method = get_method(config.method)
         self.model_config = self.method.model_config(model_config)
         self.site_dir = Path(site_dir)
-        self.model: PFedSAM = build_pfedsam(self.model_config).to(config.device)
+        self.device = resolve_device(config.device)
+        self.model: PFedSAM = build_pfedsam(self.model_config).to(self.device)
         self.partition = Partition.of(self.model)
-        self.train_samples = SampleStore(train_data, self.model, cache_prefix=config.cache_features, name="training")
-        self.val_samples = (
-            None if val_data is None else SampleStore(val_data, self.model, cache_prefix=config.cache_features, name="validation")
+        cache = FeatureCache(
+            self.site_dir / "feature_cache", self.model, self.model.cache_start if config.cache_features else 0, config.cache_dtype
         )
+        self.train_samples = SampleStore(train_data, self.model, cache, name="training")
+        self.val_samples = None if val_data is None else SampleStore(val_data, self.model, cache, name="validation")
         roles = {GLOBAL: (GLOBAL, config.lr_global), LOCAL: (LOCAL, config.lr_local), PERSONAL: (GLOBAL, config.lr_local)}
         if self.method.local_phase != PERSONAL:
             del roles[PERSONAL]
@@ -285,10 +306,8 @@ class LocalTrainer:
                 loss = self._phase(PERSONAL, round_index, None, should_abort, proximal_to=received, stage=stage)
                 self.personal = self.global_state()
             return {"local_loss": loss}
-        teacher = None
-        if config.kd_direction == "global_to_local":  # the received model, also when the global phase came first
-            with self._global_weights(received):
-                teacher = self._logits(personalized=False)
+        # the received model is the teacher, also when the global phase came first
+        teacher = self._teacher(False, received) if config.kd_direction == "global_to_local" else None
         return {"local_loss": self._phase(LOCAL, round_index, teacher, should_abort, stage=stage)}
 
     def _global_phase(
@@ -298,8 +317,24 @@ class LocalTrainer:
         if not epochs:
             return {}
         distil = self.model.has_experts and self.config.kd_direction == "local_to_global"
-        teacher = self._logits(personalized=True) if distil else None
+        teacher = self._teacher(True, self.global_state()) if distil else None
         return {"global_loss": self._phase(GLOBAL, round_index, teacher, should_abort, epochs=epochs)}
+
+    def _teacher(self, personalized: bool, weights: Mapping[str, torch.Tensor]) -> Callable[[Batch], torch.Tensor]:
+        """A phase's frozen teacher: the ``personalized`` or global-only path with the global partition ``weights``
+        (as they were when the phase began, whatever the phase trains meanwhile), run on each batch as it comes."""
+        weights = {key: value.clone() for key, value in weights.items()}
+
+        @torch.no_grad()
+        def logits(batch: Batch) -> torch.Tensor:
+            self.model.eval()
+            try:
+                with self._global_weights(weights), self.path_context(personalized), autocast(self.device):
+                    return self.model(**batch.model_inputs()).float()
+            finally:
+                self.model.train()
+
+        return logits
 
     @contextmanager
     def _global_weights(self, state: Mapping[str, torch.Tensor]) -> Iterator[None]:
@@ -316,7 +351,7 @@ class LocalTrainer:
         self,
         name: str,
         round_index: int,
-        teacher: torch.Tensor | None,
+        teacher: Callable[[Batch], torch.Tensor] | None,
         should_abort: Callable[[], bool],
         *,
         epochs: int | None = None,
@@ -346,14 +381,14 @@ class LocalTrainer:
                 for step, batch in enumerate(self.train_samples.batches(config.batch_size, generator), start=1):
                     if should_abort():
                         raise TrainingAborted(f"{self.site_name}: {stage} aborted in the {name} phase")
-                    with self.model.global_only() if name == GLOBAL else nullcontext():
-                        logits = self.model(**batch.model_inputs())
+                    target = None if teacher is None else teacher(batch)
+                    with self.model.global_only() if name == GLOBAL else nullcontext(), autocast(self.device):
+                        logits = self.model(**batch.model_inputs()).float()
                     loss = self.segmentation_loss(logits, batch.masks)
                     if name == LOCAL:
                         loss = loss + config.balance_weight * self.model.balance_loss()
-                    if teacher is not None:
-                        kd = distillation_loss(logits, teacher[batch.indices].to(logits.device), config.kd_temperature)
-                        loss = loss + config.kd_weight * kd
+                    if target is not None:
+                        loss = loss + config.kd_weight * distillation_loss(logits, target, config.kd_temperature)
                     if anchors is not None:
                         proximal = sum(((p - a.to(p.device)) ** 2).sum() for p, a in zip(trained, anchors))
                         loss = loss + config.ditto_lambda / 2 * proximal
@@ -404,14 +439,6 @@ class LocalTrainer:
         return nullcontext()
 
     @torch.no_grad()
-    def _logits(self, personalized: bool, samples: SampleStore | None = None) -> torch.Tensor:
-        """The model's logits for every sample, in dataset order (the frozen teacher of a phase)."""
-        samples = samples or self.train_samples
-        self.model.eval()
-        with self.path_context(personalized):
-            return torch.cat([self.model(**batch.model_inputs()).cpu() for batch in samples.batches(self.config.batch_size)])
-
-    @torch.no_grad()
     def validate(
         self, global_state: Mapping[str, Any] | None = None, paths: tuple[str, ...] = PATHS
     ) -> dict[str, float]:
@@ -430,23 +457,32 @@ class LocalTrainer:
                 return self.validate(paths=paths)
             finally:
                 self.partition.load_global(self.model, current)
-        masks = self.val_samples.masks
         evaluated: dict[bool, dict[str, float]] = {}
         metrics: dict[str, float] = {}
         for path in paths:
             personalized = path == "personalized" and self.method.local_phase is not None  # otherwise: one model
             if personalized not in evaluated:
-                logits = self._logits(personalized=personalized, samples=self.val_samples)
-                scores = SegmentationScores()
-                scores.update(logits > 0, masks)
-                evaluated[personalized] = {"loss": float(self.segmentation_loss(logits, masks)), **scores.result()}
+                evaluated[personalized] = self._validation_scores(personalized, self.val_samples)
             metrics.update({f"{path}_{name}": value for name, value in evaluated[personalized].items()})
         return metrics
+
+    @torch.no_grad()
+    def _validation_scores(self, personalized: bool, samples: SampleStore) -> dict[str, float]:
+        """Loss (the mean over samples, as one batch of all of them would give), Dice and HD95 per slice."""
+        scores, loss = SegmentationScores(), 0.0
+        self.model.eval()
+        with self.path_context(personalized):
+            for batch in samples.batches(self.config.batch_size):
+                with autocast(self.device):
+                    logits = self.model(**batch.model_inputs()).float()
+                scores.update(logits > 0, batch.masks)
+                loss += float(self.segmentation_loss(logits, batch.masks)) * len(batch.masks)
+        return {"loss": loss / len(samples), **scores.result()}
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, boxes: torch.Tensor | None = None, personalized: bool = True) -> torch.Tensor:
         """Binary masks (B, K, S, S) for images (B, C, S, S) in [0, 1] (and their boxes in box-prompt mode)."""
         self.model.eval()
-        device = self.config.device
-        with self.path_context(personalized):
-            return self.model(images.to(device), None if boxes is None else boxes.to(device)).cpu() > 0
+        device = self.device
+        with self.path_context(personalized), autocast(device):
+            return self.model(images.to(device), None if boxes is None else boxes.to(device)).float().cpu() > 0
