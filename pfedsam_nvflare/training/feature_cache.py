@@ -27,7 +27,7 @@ CACHE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 def _update(digest: "hashlib._Hash", tensor: torch.Tensor) -> None:
     tensor = tensor.detach().cpu().contiguous()
     digest.update(f"{tensor.dtype}:{tuple(tensor.shape)}:".encode())
-    digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim buffers too (batch-norm counts)
 
 
 def setting_digest(model: PFedSAM, end: int, dtype: str) -> str:
