@@ -91,7 +91,8 @@ def test_the_metrics_file_has_every_site_for_every_round(run):
             for key in ("personalized_dice", "personalized_hd95", "global_dice", "global_hd95", "global_loss", "bytes_sent", "bytes_received", "train_seconds"):
                 assert key in values, key
             assert values["bytes_sent"] == 4 * reference(model_config_for(MODEL.to_dict(), "pfedsam")).partition.num_values("global")
-        assert entry["seconds"] > 0
+            # the site's own work is part of the round the server timed (benchmarks/flare_overhead.py)
+            assert values["train_seconds"] < values["task_seconds"] < entry["seconds"]
     final = metrics["final"]["SRV_FL_global_model.pt"]
     assert sorted(final) == SITES
     for site in SITES:

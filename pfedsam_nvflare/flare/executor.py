@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +215,7 @@ class PFedSAMExecutor(Executor):
         num_rounds = shareable.get_header(AppConstants.NUM_ROUNDS, "?")
         site = fl_ctx.get_identity_name()
         self.log_info(fl_ctx, f"{site}: round {current_round + 1}/{num_rounds} starts")
+        began = time.perf_counter()
         before = self._trainer.validate(received, paths=("global",))
         try:
             result = self._trainer.run_round(received, should_abort=lambda: abort_signal.triggered)
@@ -228,6 +230,7 @@ class PFedSAMExecutor(Executor):
             meta[MetaKey.INITIAL_METRICS] = {"global_dice": before["global_dice"]}
         dxo = self._global_dxo(result.global_diff, DataKind.WEIGHT_DIFF, meta, fl_ctx)
         metrics["bytes_sent"] = _nbytes(dxo.data)
+        metrics["task_seconds"] = time.perf_counter() - began  # the site's own work in the round, FLARE's not
         dxo.set_meta_prop(METRICS_META_KEY, finite_or_none(metrics))
         self._stream(metrics, current_round)
         self.log_info(
