@@ -60,7 +60,7 @@ class SampleStore:
     """Validated samples of one dataset for one model; ``batches`` yields them ready for the model. Only their
     cache keys stay in memory."""
 
-    def __init__(self, dataset: Any, model: PFedSAM, cache: FeatureCache, *, name: str, chunk: int = 8) -> None:
+    def __init__(self, dataset: Any, model: PFedSAM, cache: FeatureCache, *, name: str, chunk: int = 4) -> None:
         if len(dataset) == 0:
             raise ValueError(f"the {name} set is empty")
         self.model, self.cache, self.name = model, cache, name
