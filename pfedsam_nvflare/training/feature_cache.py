@@ -10,15 +10,12 @@ of the same setting are reused by the next job of the site.
 from __future__ import annotations
 
 import hashlib
-import logging
 from pathlib import Path
 
 import torch
 
 from ..atomic import atomic_save
 from ..model import PFedSAM
-
-logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "pfedsam_nvflare.feature_cache/1"
 CACHE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
