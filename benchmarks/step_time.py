@@ -2,15 +2,16 @@
 inference, batch 1 and 4, for several choices of adapted encoder blocks.
 
 Training steps start from the cached frozen prefix, as ``LocalTrainer`` runs them; the prefix itself is
-computed once per image and timed separately. Inference runs from pixels.
+computed once per image and timed separately. Inference runs from pixels. Every pass runs in the precision
+``TrainerConfig(precision="auto")`` picks on this machine (bfloat16 autocast where the CPU has bfloat16
+instructions, float32 elsewhere), unless ``--precision`` says otherwise.
 
-    python benchmarks/step_time.py [--repeats 3] [--blocks all 8 2] [--threads N]
+    python benchmarks/step_time.py [--repeats 3] [--blocks all 8 2] [--threads N] [--precision auto]
     python benchmarks/step_time.py --levers [--repeats 3]
 
-``--levers`` times the job's setting (adapters in the last two blocks) with each speed lever tried: the mask
-decoder one image at a time (as SAM's own ``predict_masks`` runs) or batched, then channels-last memory, bfloat16
-autocast and ``torch.compile`` on top of the batched decoder; the loss of the first step shows whether a lever
-changes the numbers.
+``--levers`` times the job's setting (adapters in the last two blocks), each lever on top of the one before: the
+mask decoder one image at a time (as SAM's own ``predict_masks`` runs) in float32, batched, then bfloat16 autocast,
+channels-last memory and ``torch.compile``; the loss of the first step shows whether a lever changes the numbers.
 """
 
 from __future__ import annotations
@@ -19,17 +20,20 @@ import argparse
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from unittest import mock
 
 import torch
 
 from pfedsam_nvflare.model import ModelConfig, Partition, build_pfedsam
 from pfedsam_nvflare.model import decoder as batched_decoder
+from pfedsam_nvflare.training.compute import autocast, resolve_precision
 from pfedsam_nvflare.training.losses import SegmentationLoss
 
 JOB_SETTING = ModelConfig(backbone="lite_medsam", adapted_blocks=2, decoder="lora")
-LEVERS = ("per-image decoder", "batched decoder", "channels_last", "bf16 autocast", "torch.compile")
+# each lever on top of the ones before it
+LEVERS = ("per-image decoder", "batched decoder", "bf16 autocast", "channels_last", "torch.compile")
+CPU = torch.device("cpu")
 
 
 def _per_second(images: int, run, repeats: int) -> float:
@@ -58,27 +62,29 @@ def _decoder(lever: str) -> Iterator[None]:
         yield
 
 
-def measure(config: ModelConfig, batch: int, repeats: int, lever: str = "batched decoder") -> dict[str, float]:
+def measure(config: ModelConfig, batch: int, repeats: int, precision: torch.dtype, lever: str | None = None) -> dict[str, float]:
     """Images per second of a training step from the cached prefix, of inference from pixels and of the prefix
-    itself, with ``lever``; the first step's loss; the partition's sizes."""
+    itself, in ``precision``, or with the levers up to ``lever``; the first step's loss; the partition's sizes."""
+    applied = LEVERS[: LEVERS.index(lever) + 1] if lever else ()
+    if lever:
+        precision = torch.bfloat16 if "bf16 autocast" in applied else torch.float32
     model = build_pfedsam(config)
     partition = Partition.of(model)
     images = torch.rand(batch, 3, 256, 256, generator=torch.Generator().manual_seed(0))
     masks = (torch.rand(batch, 1, 256, 256, generator=torch.Generator().manual_seed(1)) > 0.5).float()
-    with torch.no_grad():
-        prefix = model.encode_prefix(images)
-    if lever == "channels_last":
+    with torch.no_grad(), autocast(CPU, precision):
+        prefix = model.encode_prefix(images).float()
+    if "channels_last" in applied:
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
-    run = torch.compile(model) if lever == "torch.compile" else model
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if lever == "bf16 autocast" else nullcontext()
+    run = torch.compile(model) if "torch.compile" in applied else model
     loss_fn = SegmentationLoss()
     optimizer = torch.optim.AdamW(partition.parameters(model, "global"), lr=1e-4)
     losses = []
 
     def train_step() -> None:
         model.train()
-        with model.global_only(), autocast:
+        with model.global_only(), autocast(CPU, precision):
             loss = loss_fn(run(prefix=prefix).float(), masks)
         losses.append(loss.item())
         optimizer.zero_grad(set_to_none=True)
@@ -88,14 +94,15 @@ def measure(config: ModelConfig, batch: int, repeats: int, lever: str = "batched
     @torch.no_grad()
     def infer() -> None:
         model.eval()
-        with autocast:
+        with autocast(CPU, precision):
             run(images)
 
     @torch.no_grad()
     def encode() -> None:
-        model.encode_prefix(images)
+        with autocast(CPU, precision):
+            model.encode_prefix(images)
 
-    with _decoder(lever):
+    with _decoder("per-image decoder" if lever == "per-image decoder" else "batched decoder"):
         rates = {
             "prefix": _per_second(batch, encode, repeats),
             "train": _per_second(batch, train_step, repeats),
@@ -111,16 +118,20 @@ def measure(config: ModelConfig, batch: int, repeats: int, lever: str = "batched
 
 
 def levers(batches: list[int], repeats: int) -> None:
-    header = f"{'lever':>18} {'batch':>5} {'train img/s':>11} {'infer img/s':>11} {'first loss':>10}"
+    header = f"{'lever':>18} {'batch':>5} {'prefix img/s':>12} {'train img/s':>11} {'infer img/s':>11} {'first loss':>10}"
     print(f"adapters in the last 2 blocks, decoder LoRA (the job's setting)\n{header}\n{'-' * len(header)}")
     for batch in batches:
         for lever in LEVERS:
             try:
-                row = measure(JOB_SETTING, batch, repeats, lever)
+                row = measure(JOB_SETTING, batch, repeats, torch.float32, lever)
             except Exception as error:  # a lever this machine's torch cannot run is reported, not fatal
                 print(f"{lever:>18} {batch:>5} failed: {type(error).__name__}: {str(error)[:80]}", flush=True)
                 continue
-            print(f"{lever:>18} {batch:>5} {row['train']:>11.2f} {row['infer']:>11.2f} {row['first_loss']:>10.5f}", flush=True)
+            print(
+                f"{lever:>18} {batch:>5} {row['prefix']:>12.2f} {row['train']:>11.2f} {row['infer']:>11.2f} "
+                f"{row['first_loss']:>10.5f}",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -129,12 +140,17 @@ def main() -> None:
     parser.add_argument("--blocks", nargs="+", default=["all", "8", "2"], help="adapted last blocks, or 'all'")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--precision", default="auto", help="auto, float32 or bfloat16 (TrainerConfig's)")
     parser.add_argument("--levers", action="store_true", help="time the speed levers on the job's setting")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    print(f"LiteMedSAM 256x256, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats")
+    precision = resolve_precision(args.precision, CPU)
+    print(
+        f"LiteMedSAM 256x256, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats, "
+        f"{'levers' if args.levers else precision}"
+    )
     if args.levers:
         levers(args.batches, args.repeats)
         return
@@ -146,7 +162,8 @@ def main() -> None:
     print("-" * len(header))
     for blocks in args.blocks:
         for batch in args.batches:
-            row = measure(ModelConfig(backbone="lite_medsam", adapted_blocks=None if blocks == "all" else int(blocks)), batch, args.repeats)
+            config = ModelConfig(backbone="lite_medsam", adapted_blocks=None if blocks == "all" else int(blocks))
+            row = measure(config, batch, args.repeats, precision)
             print(
                 f"{blocks:>14} {batch:>5} {row['global_values']:>13,} {row['local_values']:>12,} "
                 f"{row['cache_mb']:>12.1f} {row['prefix']:>12.2f} {row['train']:>11.2f} {row['infer']:>11.2f}",

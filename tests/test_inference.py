@@ -62,7 +62,7 @@ def test_the_file_holds_no_frozen_weight_and_its_two_paths_are_the_models(site, 
     assert set(saved["local"]) == set(trainer.partition.local_keys)
     assert not set(trainer.partition.frozen_keys) & (set(saved["global"]) | set(saved["local"]))
     image = data.train.sample(0).image.numpy()  # one plane already on the model grid: no resize to undo
-    logits = Segmenter(load_kept_model(path)).logits(image, ("personalized", "global"))
+    logits = Segmenter(load_kept_model(path), precision="float32").logits(image, ("personalized", "global"))
     model, _ = load_kept_model(path).build()
     plane = torch.from_numpy(normalise(image, OPTIONS.clip_percentiles)).float()[None]
     with torch.no_grad():

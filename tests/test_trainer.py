@@ -252,7 +252,7 @@ def test_the_global_to_local_teacher_is_the_received_model_in_either_phase_order
 
 
 def test_the_device_is_the_gpu_where_there_is_one(monkeypatch):
-    from pfedsam_nvflare.training.trainer import resolve_device
+    from pfedsam_nvflare.training.compute import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
@@ -260,3 +260,27 @@ def test_the_device_is_the_gpu_where_there_is_one(monkeypatch):
     assert resolve_device("auto") == torch.device("cuda") and resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="device must be 'auto', 'cpu' or 'cuda"):
         TrainerConfig(device="gpu")
+
+
+def test_auto_precision_is_bfloat16_only_where_the_device_computes_it_natively(monkeypatch):
+    from pfedsam_nvflare.training.compute import resolve_precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert resolve_precision("auto", cpu) == torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert resolve_precision("auto", cpu) == torch.bfloat16
+    assert resolve_precision("float32", cpu) == torch.float32
+    with pytest.raises(ValueError, match="precision must be one of auto, float32, bfloat16"):
+        TrainerConfig(precision="float16")
+
+
+def test_a_prefix_computed_in_another_precision_is_cached_apart(tmp_path):
+    data = make_site(2, seed=0)
+    folders = {
+        precision: LocalTrainer(TINY, TrainerConfig(precision=precision), data, None, tmp_path).train_samples.cache.folder
+        for precision in ("float32", "bfloat16")
+    }
+    assert folders["float32"] != folders["bfloat16"]
+    assert all(len(list(folder.rglob("*.pt"))) == 2 for folder in folders.values())

@@ -69,11 +69,12 @@ def _padding(height: int, width: int) -> tuple[int, int, int]:
 
 def to_model_grid(plane: np.ndarray, size: int, mode: str) -> torch.Tensor:
     """Pad a plane (C, H, W) to a square, then resize it to (C, size, size): ``bilinear`` (anti-aliased) for
-    images, ``nearest`` for masks."""
+    images, ``nearest`` for masks. A plain tensor: MONAI's ``MetaTensor`` would route every operation of the model
+    through its metadata handling."""
     side, _, _ = _padding(*plane.shape[1:])
     square = SpatialPad((side, side))(torch.from_numpy(np.ascontiguousarray(plane)))
     resized = Resize((size, size), mode=mode, **({"anti_aliasing": True} if mode == "bilinear" else {}))(square)
-    return torch.as_tensor(resized).float()
+    return torch.as_tensor(resized).as_subclass(torch.Tensor).float()
 
 
 def model_input(plane: np.ndarray, size: int) -> torch.Tensor:

@@ -107,6 +107,7 @@ class PFedSAMExecutor(Executor):
         self._options: SliceOptions | None = None
         self._kept: dict[str, tuple[KeptModel, dict[str, Evaluation]]] = {}  # by digest of the global partition
         self._root: Path | None = None
+        self._start_seconds: float | None = None  # the site's start (data, model, feature cache), reported once
 
     # --- run lifecycle ---
 
@@ -117,6 +118,7 @@ class PFedSAMExecutor(Executor):
             self._draw_overlays(fl_ctx)
 
     def _start(self, fl_ctx: FLContext) -> None:
+        began = time.perf_counter()
         site = fl_ctx.get_identity_name()
         threads, reason = set_thread_budget(fl_ctx)
         self.log_info(fl_ctx, f"{site}: {threads} torch threads ({reason})")
@@ -146,6 +148,7 @@ class PFedSAMExecutor(Executor):
             self.system_panic(f"{site} cannot start pFedSAM: {type(error).__name__}: {error}", fl_ctx)
             return
         self._analytics = fl_ctx.get_engine().get_component(self.analytic_sender_id)
+        self._start_seconds = time.perf_counter() - began
         partition = self._trainer.partition
         self.log_info(
             fl_ctx,
@@ -231,6 +234,8 @@ class PFedSAMExecutor(Executor):
         dxo = self._global_dxo(result.global_diff, DataKind.WEIGHT_DIFF, meta, fl_ctx)
         metrics["bytes_sent"] = _nbytes(dxo.data)
         metrics["task_seconds"] = time.perf_counter() - began  # the site's own work in the round, FLARE's not
+        if self._start_seconds is not None:  # the first round also waited for the site to start
+            metrics["start_seconds"], self._start_seconds = self._start_seconds, None
         dxo.set_meta_prop(METRICS_META_KEY, finite_or_none(metrics))
         self._stream(metrics, current_round)
         self.log_info(
@@ -283,8 +288,10 @@ class PFedSAMExecutor(Executor):
         path = kept.save(self._site_dir / kept_model_file(model_owner))
         if scores is None:
             case_sets = {name: self._site_data.split_cases(name) for name in ("val", "test")}
-            device = self._trainer.device
-            scores = evaluate_model_file(path, case_sets, self._site_data.labels, device=device)
+            trainer = self._trainer
+            scores = evaluate_model_file(
+                path, case_sets, self._site_data.labels, device=trainer.device, precision=trainer.config.precision
+            )
             self._kept[digest] = kept, scores
         report: dict[str, Any] = {"model_file": path.name, "rounds_done": kept.about["rounds_done"]}
         for name, evaluation in scores.items():

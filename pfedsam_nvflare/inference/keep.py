@@ -46,8 +46,14 @@ def keep_model(
 
 
 def evaluate_model_file(
-    path: str | Path, case_sets: dict[str, list[Case]], labels: Labels, *, device: str = "cpu", batch_size: int = 4
+    path: str | Path,
+    case_sets: dict[str, list[Case]],
+    labels: Labels,
+    *,
+    device: str = "cpu",
+    batch_size: int = 4,
+    precision: str = "auto",
 ) -> dict[str, Evaluation]:
     """Load a kept-model file once and score both of its paths on each named set of cases."""
-    segmenter = Segmenter(load_kept_model(path), device=device, batch_size=batch_size)
+    segmenter = Segmenter(load_kept_model(path), device=device, batch_size=batch_size, precision=precision)
     return {name: evaluate_cases(segmenter, cases, labels) for name, cases in case_sets.items()}

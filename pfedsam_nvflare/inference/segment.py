@@ -13,16 +13,28 @@ from ..data.preprocess import from_model_grid, model_input, normalise, planes, s
 from ..model.kept import KeptModel
 from ..model.partition import GLOBAL
 from ..model.pfedsam import PATHS
+from ..training.compute import autocast, place, resolve_device, resolve_precision
 from ..training.samples import boxes_from_masks
 
+
 class Segmenter:
-    """A kept model's ``personalized`` path (its experts, or Ditto's personal copy) and its ``global``-only path."""
+    """A kept model's ``personalized`` path (its experts, or Ditto's personal copy) and its ``global``-only path,
+    run on ``device`` in ``precision`` (as ``TrainerConfig``'s: ``auto`` is bfloat16 where it is native)."""
 
     def __init__(
-        self, kept: KeptModel, *, checkpoint: str | Path | None = None, device: str = "cpu", batch_size: int = 4
+        self,
+        kept: KeptModel,
+        *,
+        checkpoint: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 4,
+        precision: str = "auto",
     ) -> None:
-        self.kept, self.device, self.batch_size = kept, device, batch_size
-        self.model, self.partition = kept.build(checkpoint, device)
+        self.kept, self.batch_size = kept, batch_size
+        self.device = resolve_device(str(device))
+        self.precision = resolve_precision(precision, self.device)
+        model, self.partition = kept.build(checkpoint, self.device)
+        self.model = place(model, self.device)
         self.model.eval()
         settings = kept.preprocessing
         self.image_size, self.axis = int(settings["image_size"]), int(settings["axis"])
@@ -58,11 +70,12 @@ class Segmenter:
             if box_mode:
                 grid = torch.stack([to_model_grid(m, self.image_size, "nearest") for m in mask_planes[chunk]])
                 boxes = boxes_from_masks(grid).to(self.device)
-            prefix = self.model.encode_prefix(inputs)
-            for path in paths:
-                with self._path(path):
-                    grid_logits = self.model(prefix=prefix, boxes=boxes).cpu()
-                out[path].extend(from_model_grid(grid_logits, height, width))
+            with autocast(self.device, self.precision):
+                prefix = self.model.encode_prefix(inputs)
+                for path in paths:
+                    with self._path(path):
+                        grid_logits = self.model(prefix=prefix, boxes=boxes).float().cpu()
+                    out[path].extend(from_model_grid(grid_logits, height, width))
         spatial_dims = image.ndim - 1
         return {
             path: torch.from_numpy(stack_planes([p.numpy() for p in values], self.axis, spatial_dims))

@@ -13,6 +13,12 @@ from torch import nn
 GLOBAL, LOCAL = "global", "local"
 
 
+def _copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached copy in the standard memory layout, whatever layout the model computes in (channels-last
+    convolution weights): what is sent, saved and averaged does not depend on how a site computes."""
+    return tensor.detach().clone(memory_format=torch.contiguous_format)
+
+
 class PartitionError(ValueError):
     """A state does not match a partition's key set exactly."""
 
@@ -63,13 +69,13 @@ class Partition:
     def split(self, state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The (global, local) parts of a full model state, as detached copies."""
         return (
-            {key: state[key].detach().clone() for key in self.global_keys},
-            {key: state[key].detach().clone() for key in self.local_keys},
+            {key: _copy(state[key]) for key in self.global_keys},
+            {key: _copy(state[key]) for key in self.local_keys},
         )
 
     def state(self, model: nn.Module, role: str) -> dict[str, torch.Tensor]:
         parameters = dict(model.named_parameters())
-        return {key: parameters[key].detach().clone() for key in self.keys(role)}
+        return {key: _copy(parameters[key]) for key in self.keys(role)}
 
     def parameters(self, model: nn.Module, role: str) -> list[nn.Parameter]:
         parameters = dict(model.named_parameters())

@@ -22,6 +22,7 @@ import torch
 from ..model import ModelConfig, Partition, PFedSAM, build_pfedsam
 from ..model.partition import GLOBAL, LOCAL
 from ..model.pfedsam import PATHS
+from .compute import autocast, check_device, check_precision, place, resolve_device, resolve_precision
 from .losses import SegmentationLoss, distillation_loss
 from .methods import PERSONAL, get_method
 from .metrics import SegmentationScores
@@ -33,18 +34,6 @@ logger = logging.getLogger(__name__)
 
 KD_DIRECTIONS = ("local_to_global", "global_to_local", "none")
 PHASE_ORDERS = ("local_first", "global_first")
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto``: the GPU where there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def autocast(device: torch.device) -> Any:
-    """Mixed precision on CUDA (bfloat16: no loss scaling needed); full precision on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def _float_state(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -62,7 +51,8 @@ class TrainerConfig:
     the global-only path; ``global_to_local`` distils the received global model into the personalized one.
     ``phase_order``: ``local_first`` (the local phase, then the global phase) or ``global_first``.
     ``ditto_lambda``: the weight of Ditto's proximal term λ/2·‖w − w_global‖². ``cache_features`` keeps the frozen
-    encoder prefix of every sample on disk (else the images), in ``cache_dtype``."""
+    encoder prefix of every sample on disk (else the images), in ``cache_dtype``. ``precision``: the autocast dtype
+    (``auto``: bfloat16 where the device computes it natively, float32 elsewhere; see ``compute``)."""
 
     method: str = "pfedsam"
     kd_direction: str = "local_to_global"
@@ -81,6 +71,7 @@ class TrainerConfig:
     cache_features: bool = True
     cache_dtype: str = "float16"
     device: str = "auto"
+    precision: str = "auto"
     log_every: int = 10
 
     def __post_init__(self) -> None:
@@ -93,8 +84,8 @@ class TrainerConfig:
             raise ValueError(f"kd_temperature must be positive, got {self.kd_temperature}")
         if self.ditto_lambda < 0:
             raise ValueError(f"ditto_lambda must be at least 0, got {self.ditto_lambda}")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        check_device(self.device)
+        check_precision(self.precision)
         if self.cache_dtype not in CACHE_DTYPES:
             raise ValueError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.cache_dtype!r}")
         if self.batch_size < 1 or self.local_epochs < 0 or self.global_epochs < 0:
@@ -152,10 +143,16 @@ class LocalTrainer:
         self.model_config = self.method.model_config(model_config)
         self.site_dir = Path(site_dir)
         self.device = resolve_device(config.device)
-        self.model: PFedSAM = build_pfedsam(self.model_config).to(self.device)
+        self.precision = resolve_precision(config.precision, self.device)
+        logger.info("%s: computing on %s in %s", site_name, self.device, str(self.precision).removeprefix("torch."))
+        self.model: PFedSAM = place(build_pfedsam(self.model_config), self.device)
         self.partition = Partition.of(self.model)
         cache = FeatureCache(
-            self.site_dir / "feature_cache", self.model, self.model.cache_start if config.cache_features else 0, config.cache_dtype
+            self.site_dir / "feature_cache",
+            self.model,
+            self.model.cache_start if config.cache_features else 0,
+            config.cache_dtype,
+            self.precision,
         )
         # the cache is filled a training batch at a time: larger chunks are no faster on a CPU and raise peak memory
         # above a training step's (LiteMedSAM's prefix of 8 images peaks 1.8 GiB above the model)
@@ -177,6 +174,10 @@ class LocalTrainer:
         self.keeps_own_global = False  # true once a non-aggregating site has its own global partition
         self.personal: dict[str, torch.Tensor] | None = None  # Ditto's personal copy, made from the first received model
         self._resume()
+
+    def autocast(self) -> Any:
+        """The context every forward pass of this site runs in: its ``precision`` on its device."""
+        return autocast(self.device, self.precision)
 
     # --- state ---
 
@@ -332,7 +333,7 @@ class LocalTrainer:
         def logits(batch: Batch) -> torch.Tensor:
             self.model.eval()
             try:
-                with self._global_weights(weights), self.path_context(personalized), autocast(self.device):
+                with self._global_weights(weights), self.path_context(personalized), self.autocast():
                     return self.model(**batch.model_inputs()).float()
             finally:
                 self.model.train()
@@ -385,7 +386,7 @@ class LocalTrainer:
                     if should_abort():
                         raise TrainingAborted(f"{self.site_name}: {stage} aborted in the {name} phase")
                     target = None if teacher is None else teacher(batch)
-                    with self.model.global_only() if name == GLOBAL else nullcontext(), autocast(self.device):
+                    with self.model.global_only() if name == GLOBAL else nullcontext(), self.autocast():
                         logits = self.model(**batch.model_inputs()).float()
                     loss = self.segmentation_loss(logits, batch.masks)
                     if name == LOCAL:
@@ -476,7 +477,7 @@ class LocalTrainer:
         self.model.eval()
         with self.path_context(personalized):
             for batch in samples.batches(self.config.batch_size):
-                with autocast(self.device):
+                with self.autocast():
                     logits = self.model(**batch.model_inputs()).float()
                 scores.update(logits > 0, batch.masks)
                 loss += float(self.segmentation_loss(logits, batch.masks)) * len(batch.masks)
@@ -487,5 +488,5 @@ class LocalTrainer:
         """Binary masks (B, K, S, S) for images (B, C, S, S) in [0, 1] (and their boxes in box-prompt mode)."""
         self.model.eval()
         device = self.device
-        with self.path_context(personalized), autocast(device):
+        with self.path_context(personalized), self.autocast():
             return self.model(images.to(device), None if boxes is None else boxes.to(device)).float().cpu() > 0
