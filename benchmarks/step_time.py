@@ -2,9 +2,10 @@
 inference, batch 1 and 4, for several choices of adapted encoder blocks.
 
 Training steps start from the cached frozen prefix, as ``LocalTrainer`` runs them; the prefix itself is
-computed once per image and timed separately. Inference runs from pixels. Every pass runs in the precision
-``TrainerConfig(precision="auto")`` picks on this machine (bfloat16 autocast where the CPU has bfloat16
-instructions, float32 elsewhere), unless ``--precision`` says otherwise.
+computed once per image and timed separately. Inference runs from pixels. The model is placed as ``LocalTrainer``
+places it (channels-last convolution weights) and every pass runs in the precision ``TrainerConfig(precision=
+"auto")`` picks on this machine (bfloat16 autocast where the CPU has bfloat16 instructions, float32 elsewhere),
+unless ``--precision`` says otherwise.
 
     python benchmarks/step_time.py [--repeats 3] [--blocks all 8 2] [--threads N] [--precision auto]
     python benchmarks/step_time.py --levers [--repeats 3]
@@ -27,7 +28,7 @@ import torch
 
 from pfedsam_nvflare.model import ModelConfig, Partition, build_pfedsam
 from pfedsam_nvflare.model import decoder as batched_decoder
-from pfedsam_nvflare.training.compute import autocast, resolve_precision
+from pfedsam_nvflare.training.compute import autocast, place, resolve_precision
 from pfedsam_nvflare.training.losses import SegmentationLoss
 
 JOB_SETTING = ModelConfig(backbone="lite_medsam", adapted_blocks=2, decoder="lora")
@@ -74,9 +75,8 @@ def measure(config: ModelConfig, batch: int, repeats: int, precision: torch.dtyp
     masks = (torch.rand(batch, 1, 256, 256, generator=torch.Generator().manual_seed(1)) > 0.5).float()
     with torch.no_grad(), autocast(CPU, precision):
         prefix = model.encode_prefix(images).float()
-    if "channels_last" in applied:
-        model = model.to(memory_format=torch.channels_last)
-        images = images.contiguous(memory_format=torch.channels_last)
+    if lever is None or "channels_last" in applied:  # as LocalTrainer places its model
+        model = place(model, CPU)
     run = torch.compile(model) if "torch.compile" in applied else model
     loss_fn = SegmentationLoss()
     optimizer = torch.optim.AdamW(partition.parameters(model, "global"), lr=1e-4)

@@ -108,3 +108,22 @@ def test_a_method_that_fails_is_reported_and_the_others_still_run(tmp_path):
     assert "top_k must be between 1 and num_experts=4, got 9" in failed["error"]
     assert sorted(passed["sites"]) == ["site-1", "site-2"]
     assert "**Failed**" in (tmp_path / "out" / "comparison.md").read_text()
+
+
+def test_resume_keeps_a_run_only_if_it_was_made_with_the_same_training_settings(compared, tmp_path):
+    out, _, env = compared
+    result = json.loads((out / "comparison.json").read_text())
+    result["methods"]["fedavg"]["trainer"]["precision"] = "float32"  # as if run before a default changed
+    resumed = tmp_path / "out"
+    resumed.mkdir()
+    (resumed / "comparison.json").write_text(json.dumps(result))
+    completed = _pfedsam(
+        "compare", "--backbone", "tiny", "--methods", ",".join(METHODS), "--rounds", "1", "--out", str(resumed),
+        "--resume", env=env,
+    )
+    assert completed.returncode == 0, (completed.stdout + completed.stderr)[-4000:]
+    assert "[1/2] pfedsam: completed earlier, kept" in completed.stdout
+    assert "[2/2] fedavg: completed earlier with other training settings" in completed.stdout
+    assert "[2/2] fedavg: completed in" in completed.stdout
+    rerun = json.loads((resumed / "comparison.json").read_text())["methods"]["fedavg"]
+    assert rerun["trainer"]["precision"] == "auto"

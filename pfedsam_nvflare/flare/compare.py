@@ -123,8 +123,15 @@ class Comparison:
         result["methods"].update(earlier)  # every completed run of the same settings stays in the table
         for index, variant in enumerate(self.variants, start=1):
             if variant.label in earlier:
-                print(f"[{index}/{len(self.variants)}] {variant.label}: completed earlier, kept", flush=True)
-                continue
+                trainer = self._trainer_settings(variant, data, sites)
+                if earlier[variant.label].get("trainer") == trainer:
+                    print(f"[{index}/{len(self.variants)}] {variant.label}: completed earlier, kept", flush=True)
+                    continue
+                print(
+                    f"[{index}/{len(self.variants)}] {variant.label}: completed earlier with other training settings "
+                    f"({earlier[variant.label].get('trainer')}), run again",
+                    flush=True,
+                )
             print(f"[{index}/{len(self.variants)}] {variant.label}: {self.rounds} rounds on {', '.join(sites)}", flush=True)
             outcome = self._run_variant(variant, data, sites)
             result["methods"][variant.label] = outcome
@@ -148,17 +155,26 @@ class Comparison:
                 )
         return {label: run for label, run in earlier["methods"].items() if run.get("status") == "completed"}
 
+    def _recipe(self, variant: Variant, data: DataConfig, sites: list[str]) -> Any:
+        model, trainer = apply_settings(self.model, job_trainer(variant.method), {**self.changes, **variant.changes})
+        return job_recipe(
+            variant.method, num_rounds=self.rounds, model=model, trainer=trainer, data=data,
+            min_clients=len(sites), name=variant.job_name,
+        )
+
+    def _trainer_settings(self, variant: Variant, data: DataConfig, sites: list[str]) -> dict[str, Any] | None:
+        """The training settings ``variant`` runs with now (every field, the precision among them), or None if it
+        cannot be built; a run made with others is not kept by ``resume``."""
+        try:
+            return self._recipe(variant, data, sites).trainer.to_dict()
+        except (ValueError, TypeError):
+            return None
+
     def _run_variant(self, variant: Variant, data: DataConfig, sites: list[str]) -> dict[str, Any]:
         began = time.monotonic()
         workspace = self.out / "runs" / variant.job_name
         try:
-            model, trainer = apply_settings(
-                self.model, job_trainer(variant.method), {**self.changes, **variant.changes}
-            )
-            recipe = job_recipe(
-                variant.method, num_rounds=self.rounds, model=model, trainer=trainer, data=data,
-                min_clients=len(sites), name=variant.job_name,
-            )
+            recipe = self._recipe(variant, data, sites)
             recipe.export(str(self.out / "jobs"))
         except (ValueError, TypeError) as error:
             return {"status": "failed", "error": f"{type(error).__name__}: {error}", "wall_seconds": 0.0}
@@ -168,7 +184,11 @@ class Comparison:
             returncode = _simulate(self.out / "jobs" / variant.job_name, workspace, sites, log)
         except OSError as error:
             return {"status": "failed", "error": f"the simulator did not run: {error}", "wall_seconds": 0.0}
-        outcome: dict[str, Any] = {"wall_seconds": round(time.monotonic() - began, 1), "log": str(log)}
+        outcome: dict[str, Any] = {
+            "wall_seconds": round(time.monotonic() - began, 1),
+            "log": str(log),
+            "trainer": recipe.trainer.to_dict(),
+        }
         metrics_file = workspace / "server" / "simulate_job" / METRICS_FILE
         try:
             metrics = json.loads(metrics_file.read_text())
