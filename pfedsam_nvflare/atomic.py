@@ -1,4 +1,4 @@
-"""Files written atomically: into a temporary file, flushed to disk, then renamed over the target, so that a
+"""Files written atomically (and read back with errors that name them): into a temporary file, flushed to disk, then renamed over the target, so that a
 crash never leaves half a file and readers see the old file or the new one."""
 
 from __future__ import annotations
@@ -36,3 +36,16 @@ def atomic_save(payload: Any, target: Path) -> Path:
 def atomic_write_text(text: str, target: Path) -> Path:
     """Write ``text`` (UTF-8) to ``target`` atomically."""
     return _atomic_write(target, lambda handle: handle.write(text.encode()))
+
+
+def read_torch_file(path: Path, what: str, error: type[Exception]) -> Any:
+    """``torch.load`` ``path`` (tensors and plain containers only); ``error`` naming ``what`` and the file where it
+    is missing or cannot be read."""
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as failure:  # torch raises several unrelated types for a damaged zip or pickle
+        raise error(
+            f"{what} {path} cannot be read ({type(failure).__name__}: {failure}); it is truncated or corrupted"
+        ) from failure

@@ -101,7 +101,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .data.layout import Labels, find_cases
-    from .inference.keep import evaluate_model_file
+    from .inference import Segmenter, evaluate_cases
+    from .inference.evaluate import plot_worst_and_best
     from .model.kept import load_kept_model
     from .reports import evaluation_table
 
@@ -124,12 +125,32 @@ def _evaluate(args: argparse.Namespace) -> int:
     missing = [name for name in names if name not in cases]
     if missing:
         raise ValueError(f"{args.split} case(s) {', '.join(missing)} of the model file are not in {root / site}")
-    evaluation = evaluate_model_file(args.model, {args.split: [cases[name] for name in names]}, Labels.of_root(root))[
-        args.split
-    ]
+    chosen, labels = [cases[name] for name in names], Labels.of_root(root)
+    segmenter = Segmenter(kept, device=args.device)
+    evaluation = evaluate_cases(segmenter, chosen, labels)
     print(evaluation_table(evaluation, f"{site}, {args.split} cases, model {args.model}"))
     out = evaluation.write_csv(args.out or Path(args.model).with_name(f"{Path(args.model).stem}_{site}_{args.split}.csv"))
     print(f"per-case scores: {out}")
+    overlays = plot_worst_and_best(segmenter, chosen, labels, evaluation, out.with_name(f"{out.stem}_overlays.png"))
+    print(f"worst and best case: {overlays}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .inference.predict import predict
+
+    run = predict(
+        args.model, args.input, args.out, global_only=args.global_only, device=args.device, batch_size=args.batch_size
+    )
+    print(run.summary(args.out))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .inference.export import export_model
+
+    _, line = export_model(args.model, args.out, personal=args.personal)
+    print(line)
     return 0
 
 
@@ -138,7 +159,7 @@ def _poc(args: argparse.Namespace) -> int:
 
     if args.action == "prepare":
         privacy = _pairs(args.privacy, "--privacy", "SITE=FILE")
-        deployment = poc.prepare_poc(args.workspace, sites=args.sites, privacy=privacy)
+        deployment = poc.prepare_poc(args.workspace, sites=args.sites, privacy=privacy, state_dir=args.state_dir)
         print(f"POC deployment of {', '.join(deployment.sites)} ready in {deployment.kits}")
     elif args.action == "start":
         poc.start_poc(args.workspace)
@@ -207,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--privacy", action="append", default=[], metavar="SITE=FILE",
         help="prepare: install FILE as SITE's local/privacy.json (repeatable)",
     )
+    poc.add_argument("--state-dir", help="prepare: every site keeps its local partition across jobs in STATE_DIR/<site>")
     poc.set_defaults(run=_poc)
 
     submit = commands.add_parser("submit", help="submit a job with an admin startup kit, wait, download the results")
@@ -248,7 +270,27 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--site", help="site folder (default: the model's site)")
     evaluate.add_argument("--split", default="test", choices=["test", "val", "train", "all"])
     evaluate.add_argument("--out", help="CSV of per-case scores (default: beside the model)")
+    evaluate.add_argument("--device", default="auto", help="auto (the GPU where there is one), cpu or cuda[:N]")
     evaluate.set_defaults(run=_evaluate)
+
+    predict = commands.add_parser("predict", help="segment new scans with a kept model, in each scan's own geometry")
+    predict.add_argument("--model", required=True, help="a site's personalized_model.pt")
+    predict.add_argument("--input", required=True, help="a scan (.nii.gz, .nii, .nrrd, .png), a DICOM series folder, or a folder of them")
+    predict.add_argument("--out", required=True, help="folder for the label maps (<name>_seg.nii.gz, <name>_seg.png)")
+    predict.add_argument("--global-only", action="store_true", help="the shared global model, without the site's own part")
+    predict.add_argument("--device", default="auto", help="auto (the GPU where there is one), cpu or cuda[:N]")
+    predict.add_argument("--batch-size", type=int, default=4, help="slices per forward pass")
+    predict.set_defaults(run=_predict)
+
+    export_model = commands.add_parser(
+        "export", help="a kept model's global model as a plain SAM/LiteMedSAM state dict, LoRA merged"
+    )
+    export_model.add_argument("--model", required=True, help="a site's personalized_model.pt")
+    export_model.add_argument("--out", required=True, help="the state dict file to write")
+    export_model.add_argument(
+        "--personal", action="store_true", help="the site's personal copy instead (Ditto; not for models with experts)"
+    )
+    export_model.set_defaults(run=_export)
 
     export = commands.add_parser("export-jobs", help="write the job folders (the repository's jobs/)")
     export.add_argument("--out", default="jobs")

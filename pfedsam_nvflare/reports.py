@@ -133,17 +133,23 @@ def plot_learning_curves(metrics: dict[str, Any], path: Path) -> Path:
 
 
 def plot_overlays(
-    images: torch.Tensor, masks: torch.Tensor, predictions: torch.Tensor, path: Path, title: str, captions: Sequence[str]
+    images: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor],
+    predictions: Sequence[torch.Tensor],
+    path: Path,
+    title: str,
+    captions: Sequence[str],
 ) -> Path:
-    """One column per image: the image with the true (green) and predicted (red) outline of every label."""
+    """One column per image (C, H, W) in [0, 1], with the true (green) and predicted (red) outline of every label
+    of its masks (K, H, W); the images may differ in size."""
     count = len(images)
     figure, axes = plt.subplots(1, count, figsize=(3 * count, 3.3), squeeze=False)
     for column in range(count):
         axis = axes[0][column]
         axis.imshow(images[column].permute(1, 2, 0).squeeze(-1).cpu(), cmap="gray", vmin=0, vmax=1)
-        for label in range(masks.shape[1]):
+        for label in range(masks[column].shape[0]):
             for outline, colour in ((masks, "lime"), (predictions, "red")):
-                plane = outline[column, label].float().cpu()
+                plane = outline[column][label].float().cpu()
                 if plane.any() and not plane.all():
                     axis.contour(plane, levels=[0.5], colors=colour, linewidths=1)
         axis.set_title(captions[column], fontsize=8)

@@ -208,3 +208,41 @@ def test_the_user_thread_setting_wins(monkeypatch):
         assert threads == 1 and "shared by 64 site(s)" in reason
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_site_configures_once_where_its_state_outlives_jobs(tmp_path, monkeypatch):
+    from pfedsam_nvflare.flare.site_storage import STATE_DIR_ENV, configured_state_dir, write_site_config
+
+    local = tmp_path / "kit" / "local"
+    monkeypatch.delenv(STATE_DIR_ENV, raising=False)
+    folder, why = configured_state_dir(local, "site-1")
+    assert folder is None and "pfedsam_site.json" in why
+    config = write_site_config(local, tmp_path / "state")
+    assert configured_state_dir(local, "site-1") == ((tmp_path / "state" / "site-1").resolve(), str(config))
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "env"))  # the environment wins, as OMP_NUM_THREADS does
+    assert configured_state_dir(local, "site-1")[0] == tmp_path / "env" / "site-1"
+    monkeypatch.delenv(STATE_DIR_ENV)
+    config.write_text('{"state": "/x"}')
+    with pytest.raises(ValueError, match="pfedsam_site.json: expected"):
+        configured_state_dir(local, "site-1")
+
+
+def test_a_job_continues_only_a_global_partition_saved_for_its_own_settings(tmp_path):
+    from pfedsam_nvflare.flare.persistor import GlobalPartitionPersistor
+
+    config = model_config_for(MODEL, "pfedsam")
+    state = {key: value + 0.5 for key, value in reference(config).initial_global.items()}
+    saved = tmp_path / "FL_global_model.pt"
+    torch.save({"global": state, "model": config.to_dict(), "method": "pfedsam"}, saved)
+    loaded = GlobalPartitionPersistor(model=MODEL, initial_global=str(saved))._continued()
+    assert all(torch.equal(loaded[key], state[key]) for key in state)
+    other = GlobalPartitionPersistor(model={**MODEL, "lora_rank": 2}, initial_global=str(saved))
+    with pytest.raises(ValueError, match=r"FL_global_model.pt was saved by a 'pfedsam' job with other model settings \(lora_rank differ\)"):
+        other._continued()
+    key = next(iter(state))
+    torch.save({"global": {**state, key: state[key] * float("nan")}, "model": config.to_dict(), "method": "pfedsam"}, saved)
+    with pytest.raises(ValueError, match=f"non-finite values in {key}"):
+        GlobalPartitionPersistor(model=MODEL, initial_global=str(saved))._continued()
+    saved.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="FL_global_model.pt cannot be read"):
+        GlobalPartitionPersistor(model=MODEL, initial_global=str(saved))._continued()

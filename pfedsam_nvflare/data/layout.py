@@ -50,6 +50,16 @@ class Labels:
         compare = np.greater_equal if self.nested else np.equal
         return np.stack([compare(label_map, k) for k in range(1, len(self.names) + 1)]).astype(np.float32)
 
+    def label_map(self, logits: np.ndarray) -> np.ndarray:
+        """A label map (...) of 0..K from per-label logits (K, ...), each label where its logit is positive: nested,
+        the innermost label found; otherwise the most confident one."""
+        found = logits > 0
+        if self.nested:
+            values = np.arange(1, len(self.names) + 1).reshape(-1, *([1] * (logits.ndim - 1)))
+            return (found * values).max(axis=0).astype(np.uint8)
+        best = np.where(found, logits, -np.inf).argmax(axis=0) + 1
+        return np.where(found.any(axis=0), best, 0).astype(np.uint8)
+
 
 @dataclass(frozen=True)
 class Case:

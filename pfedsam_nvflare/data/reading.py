@@ -1,8 +1,10 @@
 """Reading a case through MONAI's readers: the image, its label map and its voxel spacing, checked against
-each other."""
+each other; and reading one image with its geometry, for prediction."""
 
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,30 +14,50 @@ from monai.transforms import LoadImage
 from .layout import DATASET_FILE, Case, DataError, Labels
 
 
+DICOM_SUFFIX = ".dcm"
+# MONAI announces on every read that an optional GPU DICOM decoder is not installed; the CPU decoder reads the same
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+
+
+def is_dicom_series(path: Path) -> bool:
+    """A folder of ``.dcm`` files: one DICOM series, read as one volume."""
+    return path.is_dir() and any(child.suffix.lower() == DICOM_SUFFIX for child in path.iterdir())
+
+
 @dataclass
 class Volume:
-    """An image (C, *spatial) as read, and the size of its voxels along each spatial axis (mm for NIfTI and
-    NRRD; PNG has no spacing, so 1 per pixel)."""
+    """An image (C, *spatial) as read, the size of its voxels along each spatial axis (mm for NIfTI, NRRD and
+    DICOM; PNG has no spacing, so 1 per pixel) and, where the format has one, its voxel-to-world affine (4x4,
+    as MONAI's reader gives it; ``None`` for PNG)."""
 
     array: np.ndarray
     spacing: tuple[float, ...]
+    affine: np.ndarray | None = None
+
+
+def _loader(path: Path) -> LoadImage:
+    if path.name.endswith(".png"):
+        return LoadImage(reader="PILReader", image_only=True, ensure_channel_first=True, reverse_indexing=False)
+    if path.is_dir():
+        return LoadImage(reader="PydicomReader", image_only=True, ensure_channel_first=True)
+    return LoadImage(image_only=True, ensure_channel_first=True)
 
 
 def read_volume(path: Path) -> Volume:
-    """A file as (channels, *spatial) float32 with its spacing, via MONAI's readers (PNG rows stay rows)."""
-    if path.name.endswith(".png"):
-        loader = LoadImage(reader="PILReader", image_only=True, ensure_channel_first=True, reverse_indexing=False)
-    else:
-        loader = LoadImage(image_only=True, ensure_channel_first=True)
+    """A file (or a DICOM series folder) as (channels, *spatial) float32 with its spacing and affine, via MONAI's
+    readers (PNG rows stay rows)."""
     try:
-        image = loader(str(path))
+        with warnings.catch_warnings():  # MONAI's DICOM reader warns that an optional GPU decoder is missing
+            warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+            image = _loader(path)(str(path))
     except Exception as error:  # MONAI re-raises each reader's own error types
         raise DataError(f"{path}: cannot be read as an image ({type(error).__name__}: {error})") from error
     array = np.asarray(image, dtype=np.float32)
     spacing = tuple(float(v) for v in np.asarray(getattr(image, "pixdim", [1.0] * (array.ndim - 1))))
     if len(spacing) != array.ndim - 1 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
         raise DataError(f"{path}: voxel spacing {spacing} is not one positive size per spatial axis")
-    return Volume(array, spacing)
+    affine = None if path.name.endswith(".png") else np.asarray(image.affine, dtype=np.float64)
+    return Volume(array, spacing, affine)
 
 
 @dataclass

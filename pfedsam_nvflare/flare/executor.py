@@ -33,9 +33,10 @@ from ..reports import plot_overlays
 from ..training import LocalTrainer, TrainerConfig, TrainingAborted
 from ..training.samples import boxes_from_masks
 from .settings import METRICS_META_KEY
+from .site_storage import configured_state_dir
 from .threads import set_thread_budget
 
-SITE_FOLDER = "pfedsam"  # in the site's run directory: site_state.pt, split.json, overlays.png, kept models
+SITE_FOLDER = "pfedsam"  # in the site's run directory: kept models, overlays.png; site_state.pt and split.json unless kept elsewhere
 
 
 def finite_or_none(metrics: Any) -> Any:
@@ -102,7 +103,8 @@ class PFedSAMExecutor(Executor):
         self.num_overlays = num_overlays
         self._trainer: LocalTrainer | None = None
         self._site_data: SiteData | None = None
-        self._site_dir: Path | None = None
+        self._site_dir: Path | None = None  # this job's outputs at the site: kept models, their scores, overlays
+        self._state_dir: Path | None = None  # what outlives the job where the site configures it (site_storage)
         self._analytics = None
         self._options: SliceOptions | None = None
         self._kept: dict[str, tuple[KeptModel, dict[str, Evaluation]]] = {}  # by digest of the global partition
@@ -128,6 +130,13 @@ class PFedSAMExecutor(Executor):
             data_config = DataConfig.from_dict(self.data or {})
             run_dir = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id()))
             self._site_dir = run_dir / SITE_FOLDER
+            state_dir, source = configured_state_dir(fl_ctx.get_engine().get_workspace().get_site_config_dir(), site)
+            self._state_dir = state_dir or self._site_dir
+            self.log_info(
+                fl_ctx,
+                f"{site}: local partition, case split and feature cache in {self._state_dir} "
+                + (f"(from {source}; kept across jobs)" if state_dir else f"(this job only: {source})"),
+            )
             root = resolve_root(data_config)
             self.log_info(fl_ctx, f"{site}: reading data from {root}")
             self._options = data_config.slice_options(INPUT_SIZES[model_config.backbone])
@@ -139,10 +148,10 @@ class PFedSAMExecutor(Executor):
                 val_fraction=data_config.val_fraction,
                 test_fraction=data_config.test_fraction,
                 seed=data_config.seed,
-                split_file=self._site_dir / "split.json",
+                split_file=self._state_dir / "split.json",
             )
             self._trainer = LocalTrainer(
-                model_config, trainer_config, self._site_data.train, self._site_data.val, self._site_dir, site_name=site
+                model_config, trainer_config, self._site_data.train, self._site_data.val, self._state_dir, site_name=site
             )
         except Exception as error:  # any failure here leaves the site unable to work: end the run, say why
             self.system_panic(f"{site} cannot start pFedSAM: {type(error).__name__}: {error}", fl_ctx)
@@ -154,7 +163,7 @@ class PFedSAMExecutor(Executor):
             fl_ctx,
             f"{site}: method {trainer_config.method}, {len(self._site_data.train)} training and "
             f"{len(self._site_data.val)} validation slices, {len(self._site_data.split.test_cases)} test cases; global partition {partition.num_values(GLOBAL):,} values, "
-            f"local partition {partition.num_values('local'):,} values (never sent); state in {self._site_dir}",
+            f"local partition {partition.num_values('local'):,} values (never sent); outputs in {self._site_dir}",
         )
 
     def _draw_overlays(self, fl_ctx: FLContext) -> None:
@@ -217,7 +226,9 @@ class PFedSAMExecutor(Executor):
         current_round = shareable.get_header(AppConstants.CURRENT_ROUND, 0)
         num_rounds = shareable.get_header(AppConstants.NUM_ROUNDS, "?")
         site = fl_ctx.get_identity_name()
-        self.log_info(fl_ctx, f"{site}: round {current_round + 1}/{num_rounds} starts")
+        self.log_info(
+            fl_ctx, f"{site}: round {current_round + 1}/{num_rounds} starts from global partition {_digest(received)[:16]}"
+        )
         began = time.perf_counter()
         before = self._trainer.validate(received, paths=("global",))
         try:

@@ -17,14 +17,14 @@ from nvflare.app_common.app_constant import AppConstants, DefaultCheckpointFileN
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.model_desc import ModelDescriptor
 
-from ..atomic import atomic_save
+from ..atomic import atomic_save, read_torch_file
 from .settings import model_config_for, reference
 
 
 class GlobalPartitionPersistor(ModelPersistor):
-    """Starts the job from the initial global partition of the configured model and saves the latest and the
-    best global partition as ``{"global": {key: tensor}, "model": settings, "method": method}`` in the server's app
-    folder."""
+    """Starts the job from the initial global partition of the configured model, or from ``initial_global`` (a
+    global partition an earlier job saved, to continue that federation), and saves the latest and the best global
+    partition as ``{"global": {key: tensor}, "model": settings, "method": method}`` in the server's app folder."""
 
     def __init__(
         self,
@@ -32,9 +32,10 @@ class GlobalPartitionPersistor(ModelPersistor):
         method: str = "pfedsam",
         global_model_file_name: str = DefaultCheckpointFileName.GLOBAL_MODEL,
         best_global_model_file_name: str = DefaultCheckpointFileName.BEST_GLOBAL_MODEL,
+        initial_global: str | None = None,
     ):
         super().__init__()
-        self.model, self.method = model, method
+        self.model, self.method, self.initial_global = model, method, initial_global
         self.global_model_file_name = global_model_file_name
         self.best_global_model_file_name = best_global_model_file_name
         self._folder: Path | None = None
@@ -54,9 +55,36 @@ class GlobalPartitionPersistor(ModelPersistor):
                 self.log_info(fl_ctx, f"saved the best global partition to {path}")
 
     def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
-        weights = {key: value.numpy() for key, value in self._reference.initial_global.items()}
-        self.log_info(fl_ctx, f"initial global partition: {len(weights)} keys")
+        if self.initial_global:
+            weights = {key: value.numpy() for key, value in self._continued().items()}
+            self.log_info(fl_ctx, f"initial global partition: {len(weights)} keys from {self.initial_global}")
+        else:
+            weights = {key: value.numpy() for key, value in self._reference.initial_global.items()}
+            self.log_info(fl_ctx, f"initial global partition: {len(weights)} keys of the pretrained model")
         return make_model_learnable(weights, {})
+
+    def _continued(self) -> dict[str, torch.Tensor]:
+        """The global partition of ``initial_global``, refused unless it was saved for this job's model settings
+        and method and fits their partition exactly, with finite values."""
+        path = Path(self.initial_global)
+        saved = read_saved(path)
+        expected = model_config_for(self.model, self.method).to_dict()
+        if saved.get("model") != expected or saved.get("method") != self.method:
+            changed = sorted(k for k in expected if (saved.get("model") or {}).get(k) != expected[k])
+            raise ValueError(
+                f"initial global partition {path} was saved by a {saved.get('method')!r} job with other model "
+                f"settings ({', '.join(changed) or 'method'} differ); a job continues only a federation of the same "
+                "model and method"
+            )
+        state = saved["global"]
+        try:
+            self._reference.partition.check(state, "global")
+        except ValueError as error:
+            raise ValueError(f"initial global partition {path}: {error}") from error
+        bad = [key for key, value in state.items() if not torch.isfinite(torch.as_tensor(value)).all()]
+        if bad:
+            raise ValueError(f"initial global partition {path}: non-finite values in {', '.join(bad[:5])}")
+        return {key: torch.as_tensor(value, dtype=torch.float32) for key, value in state.items()}
 
     def save_model(self, model: ModelLearnable, fl_ctx: FLContext) -> None:
         self._write(model, self.global_model_file_name)
@@ -83,8 +111,16 @@ class GlobalPartitionPersistor(ModelPersistor):
 
     def get_model(self, model_file: str, fl_ctx: FLContext) -> ModelLearnable:
         assert self._folder is not None
-        saved = torch.load(self._folder / model_file, map_location="cpu", weights_only=True)
+        saved = read_saved(self._folder / model_file)
         return make_model_learnable({key: value.numpy() for key, value in saved["global"].items()}, {})
+
+
+def read_saved(path: Path) -> dict[str, Any]:
+    """A global partition file the persistor wrote (``FL_global_model.pt``), or a clear error naming it."""
+    saved = read_torch_file(path, "global partition file", ValueError)
+    if not isinstance(saved, dict) or not isinstance(saved.get("global"), dict):
+        raise ValueError(f"{path} is not a global partition saved by a pfedsam_nvflare job (FL_global_model.pt)")
+    return saved
 
 
 class GlobalPartitionLocator(ModelLocator):

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from .site_policy import allow_pfedsam_in
+from .site_storage import write_site_config
 
 
 class DeploymentError(RuntimeError):
@@ -81,10 +82,15 @@ def read_privacy_policy(path: str | Path) -> dict:
     return policy
 
 
-def prepare_poc(workspace: str | Path, sites: int = 3, privacy: dict[str, str | Path] | None = None) -> PocDeployment:
+def prepare_poc(
+    workspace: str | Path,
+    sites: int = 3,
+    privacy: dict[str, str | Path] | None = None,
+    state_dir: str | Path | None = None,
+) -> PocDeployment:
     """Provision a fresh POC deployment of ``sites`` sites in ``workspace`` (an older one there is removed),
-    allow pFedSAM components at the server and every site, and install ``privacy[site]`` as that site's
-    ``local/privacy.json``."""
+    allow pFedSAM components at the server and every site, install ``privacy[site]`` as that site's
+    ``local/privacy.json`` and, with ``state_dir``, keep every site's state there across jobs (``site_storage``)."""
     if sites < 1:
         raise DeploymentError(f"a POC deployment needs at least one site, got {sites}")
     privacy = privacy or {}
@@ -101,6 +107,10 @@ def prepare_poc(workspace: str | Path, sites: int = 3, privacy: dict[str, str | 
     for site, policy in policies.items():
         (deployment.kit(site) / "local" / "privacy.json").write_text(json.dumps(policy, indent=2) + "\n")
         print(f"{site}: privacy scopes {[scope['name'] for scope in policy['scopes']]} from {privacy[site]}")
+    if state_dir is not None:
+        for site in deployment.sites:
+            write_site_config(deployment.kit(site) / "local", state_dir)
+        print(f"every site keeps its local partition across jobs in {Path(state_dir).resolve()}/<site>")
     return deployment
 
 

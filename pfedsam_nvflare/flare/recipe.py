@@ -56,6 +56,9 @@ class PFedSAMRecipe(Recipe):
             ``method``.
         data: the ``DataConfig``; without a ``root`` every site uses the default synthetic sites.
         key_metric: metric of the received global model (reported by the sites) that selects the best one.
+        initial_global: a global partition an earlier job of the same model and method saved on the server
+            (``FL_global_model.pt``): the job continues that federation instead of starting from the pretrained model.
+            Sites continue with their own local partitions where they keep them (``site_storage``).
         train_timeout: seconds a site may take for one round (0: no limit).
     """
 
@@ -71,6 +74,7 @@ class PFedSAMRecipe(Recipe):
         data: DataConfig | None = None,
         key_metric: str = "global_dice",
         train_timeout: int = 0,
+        initial_global: str | None = None,
     ):
         if method not in RECIPE_METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(RECIPE_METHODS)}")
@@ -83,7 +87,10 @@ class PFedSAMRecipe(Recipe):
 
         job = FedJob(name=name or method, min_clients=min_clients)
         job.set_app_packages(["pfedsam_nvflare"])  # an installed package: sites import it, the job carries no code
-        job.to_server(GlobalPartitionPersistor(model=model_settings, method=trainer_method), id="persistor")
+        job.to_server(
+            GlobalPartitionPersistor(model=model_settings, method=trainer_method, initial_global=initial_global),
+            id="persistor",
+        )
         job.to_server(FullModelShareableGenerator(), id="shareable_generator")
         job.to_server(GlobalPartitionAggregator(model=model_settings, method=trainer_method), id="aggregator")
         job.to_server(IntimeModelSelector(key_metric=key_metric), id="model_selector")

@@ -10,10 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..data.layout import Case, DataError, Labels
+from ..data.preprocess import normalise
 from ..data.reading import read_case
+from ..reports import plot_overlays
 from ..training.metrics import case_scores
 from ..model.pfedsam import PATHS
 from .segment import Segmenter
@@ -80,3 +83,33 @@ def evaluate_cases(
             ", ".join(f"{path} Dice {_mean(evaluation.scores[path][case.name]['dice']):.3f}" for path in paths),
         )
     return evaluation
+
+
+def plot_worst_and_best(
+    segmenter: Segmenter, cases: list[Case], labels: Labels, evaluation: Evaluation, path: Path, model_path: str = PATHS[0]
+) -> Path | None:
+    """The case with the lowest and the one with the highest mean Dice of ``model_path``, each at its slice with the
+    most foreground, with true and predicted outlines; None without cases."""
+    scores = evaluation.scores.get(model_path, {})
+    if not scores:
+        return None
+    ranked = sorted(scores, key=lambda name: (_mean(scores[name]["dice"]), name))
+    chosen = {"worst": ranked[0], "best": ranked[-1]} if len(ranked) > 1 else {"only": ranked[0]}
+    by_name = {case.name: case for case in cases}
+    images, masks, predictions, captions = [], [], [], []
+    for role, name in chosen.items():
+        data = read_case(by_name[name], labels)
+        truth = labels.channels(data.label_map)
+        found = segmenter.logits(data.image, (model_path,), prompt_masks=truth)[model_path].numpy() > 0
+        image = normalise(data.image, segmenter.clip_percentiles)
+        if data.image.ndim == 4:  # a volume: the slice along the model's axis with the most foreground
+            axis = segmenter.axis + 1
+            others = tuple(i for i in range(1, truth.ndim) if i != axis)
+            index = int(truth.sum(axis=(0, *others)).argmax())
+            image, truth, found = (np.take(a, index, axis=axis) for a in (image, truth, found))
+            name = f"{name} slice {index}"
+        images.append(torch.from_numpy(np.ascontiguousarray(image)).float())
+        masks.append(torch.from_numpy(np.ascontiguousarray(truth)))
+        predictions.append(torch.from_numpy(np.ascontiguousarray(found)))
+        captions.append(f"{role}: {name}, Dice {_mean(scores[chosen[role]]['dice']):.3f}")
+    return plot_overlays(images, masks, predictions, path, f"{model_path} model", captions)

@@ -3,6 +3,7 @@ back to the plane's own size before they are thresholded, the planes stacked bac
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -51,11 +52,32 @@ class Segmenter:
         return nullcontext() if path == "personalized" else self.model.global_only()
 
     @torch.no_grad()
+    def grid_logits(
+        self, inputs: torch.Tensor, paths: tuple[str, ...] = PATHS, boxes: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Logits (B, K, S, S) on the model's grid, per path, of model inputs (B, C, S, S) in [0, 1]; the frozen
+        prefix is computed once for all paths."""
+        inputs = inputs.to(self.device)
+        boxes = None if boxes is None else boxes.to(self.device)
+        out = {}
+        with autocast(self.device, self.precision):
+            prefix = self.model.encode_prefix(inputs)
+            for path in paths:
+                with self._path(path):
+                    out[path] = self.model(prefix=prefix, boxes=boxes).float().cpu()
+        return out
+
+    @torch.no_grad()
     def logits(
-        self, image: np.ndarray, paths: tuple[str, ...] = PATHS, prompt_masks: np.ndarray | None = None
+        self,
+        image: np.ndarray,
+        paths: tuple[str, ...] = PATHS,
+        prompt_masks: np.ndarray | None = None,
+        on_planes: Callable[[int], None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Logits (K, *spatial) on ``image``'s own grid, per path. ``image``: (C, *spatial) as read from the file.
-        In box-prompt mode the box of each plane comes from ``prompt_masks`` (K, *spatial), as in training."""
+        In box-prompt mode the box of each plane comes from ``prompt_masks`` (K, *spatial), as in training.
+        ``on_planes`` is told how many planes each batch segmented (a progress bar)."""
         box_mode = self.model.config.prompt == "box"
         if box_mode and prompt_masks is None:
             raise ValueError("a box-prompt model needs masks to draw its boxes from")
@@ -65,17 +87,15 @@ class Segmenter:
         out: dict[str, list[torch.Tensor]] = {path: [] for path in paths}
         for start in range(0, len(image_planes), self.batch_size):
             chunk = slice(start, start + self.batch_size)
-            inputs = torch.stack([model_input(plane, self.image_size) for plane in image_planes[chunk]]).to(self.device)
+            inputs = torch.stack([model_input(plane, self.image_size) for plane in image_planes[chunk]])
             boxes = None
             if box_mode:
                 grid = torch.stack([to_model_grid(m, self.image_size, "nearest") for m in mask_planes[chunk]])
-                boxes = boxes_from_masks(grid).to(self.device)
-            with autocast(self.device, self.precision):
-                prefix = self.model.encode_prefix(inputs)
-                for path in paths:
-                    with self._path(path):
-                        grid_logits = self.model(prefix=prefix, boxes=boxes).float().cpu()
-                    out[path].extend(from_model_grid(grid_logits, height, width))
+                boxes = boxes_from_masks(grid)
+            for path, grid_logits in self.grid_logits(inputs, paths, boxes).items():
+                out[path].extend(from_model_grid(grid_logits, height, width))
+            if on_planes is not None:
+                on_planes(len(inputs))
         spatial_dims = image.ndim - 1
         return {
             path: torch.from_numpy(stack_planes([p.numpy() for p in values], self.axis, spatial_dims))

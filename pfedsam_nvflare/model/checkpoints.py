@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..atomic import read_torch_file
+
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, damaged or does not fit the model it is loaded into."""
@@ -34,12 +36,7 @@ def read_state_dict(path: str | Path, *, expected_sha256: str | None = None) -> 
                 f"checkpoint {path} has SHA-256 {actual}, expected {expected_sha256}: the file is damaged or not "
                 "the checkpoint it claims to be"
             )
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several unrelated types for a damaged zip or pickle
-        raise CheckpointError(
-            f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); it is truncated or corrupted"
-        ) from error
+    loaded = read_torch_file(path, "checkpoint", CheckpointError)
     for container in ("model", "state_dict"):
         if isinstance(loaded, Mapping) and isinstance(loaded.get(container), Mapping):
             loaded = loaded[container]

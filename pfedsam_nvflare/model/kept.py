@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..atomic import atomic_save
+from ..atomic import atomic_save, read_torch_file
 from .backbones import backbone_sha256
 from .checkpoints import CheckpointError
 from .partition import GLOBAL, LOCAL, Partition
@@ -86,12 +86,7 @@ def _check_finite(states: dict[str, dict[str, torch.Tensor] | None], path: Path)
 def load_kept_model(path: str | Path) -> KeptModel:
     """Read a kept-model file; every part must be there and every value finite."""
     path = Path(path)
-    if not path.is_file():
-        raise KeptModelError(f"model file {path} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several unrelated types for a damaged zip or pickle
-        raise KeptModelError(f"model file {path} cannot be read ({type(error).__name__}: {error})") from error
+    payload = read_torch_file(path, "model file", KeptModelError)
     if not isinstance(payload, dict) or payload.get("format") != KEPT_MODEL_FORMAT:
         raise KeptModelError(f"{path} is not a pfedsam_nvflare model file ({KEPT_MODEL_FORMAT})")
     try:
