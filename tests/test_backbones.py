@@ -55,6 +55,15 @@ def test_mismatched_checkpoint_lists_the_keys(tmp_path):
     assert "prompt_encoder.no_mask_embed.weight (1, 7) vs (1, 32)" in message
 
 
+def test_a_checkpoint_with_non_finite_weights_is_refused_naming_the_key(tmp_path):
+    state = build_backbone("tiny").sam.state_dict()
+    state["mask_decoder.iou_token.weight"][0, 0] = float("nan")
+    path = tmp_path / "nan.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"nan\.pth does not fit this model: 1 keys with non-finite values \(mask_decoder\.iou_token\.weight"):
+        build_backbone("tiny", path)
+
+
 def test_missing_checkpoint_names_the_file(tmp_path):
     with pytest.raises(CheckpointError, match="nowhere.pth does not exist"):
         build_backbone("vit_b", tmp_path / "nowhere.pth")

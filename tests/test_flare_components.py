@@ -94,7 +94,11 @@ REJECTIONS = {
     "non-finite": (lambda p: _contribution(_non_finite(p)), "non-finite values"),
     "wrong data kind": (lambda p: _contribution(_diff(p, 1.0), kind=DataKind.WEIGHTS), "data kind is DataKind.WEIGHTS, expected DataKind.WEIGHT_DIFF"),
     "stale round": (lambda p: _contribution(_diff(p, 1.0), contribution_round=0), "it is for round 0, the current round is 1"),
-    "no weight": (lambda p: _contribution(_diff(p, 1.0), weight=0), "is not a positive number"),
+    "no weight": (lambda p: _contribution(_diff(p, 1.0), weight=0), "is not a number of training samples"),
+    "infinite weight": (lambda p: _contribution(_diff(p, 1.0), weight=float("inf")), "weight NUM_STEPS_CURRENT_ROUND=inf"),
+    "NaN weight": (lambda p: _contribution(_diff(p, 1.0), weight=float("nan")), "weight NUM_STEPS_CURRENT_ROUND=nan"),
+    "absurd weight": (lambda p: _contribution(_diff(p, 1.0), weight=1e308), "at most 1e+09"),
+    "beyond float32": (lambda p: _contribution(_diff(p, 0.0) | {p.global_keys[2]: np.full(p.shapes[p.global_keys[2]], 1e300)}), "beyond float32's range"),
     "integer arrays": (lambda p: _contribution({k: v.astype(np.int64) for k, v in _diff(p, 1.0).items()}), "not a floating-point array"),
 }
 
@@ -122,6 +126,20 @@ def test_a_second_contribution_of_a_site_in_a_round_is_rejected(partition, caplo
     with caplog.at_level("ERROR"):
         assert not aggregator.accept(_contribution(_diff(partition, 9.0)), fl_ctx)
     assert any("already contributed" in r.message for r in caplog.records)
+
+
+def test_weights_that_would_overflow_the_sum_never_reach_the_average(partition, caplog):
+    """Two weights of 1e308 overflowed the sum and made the average NaN; they are refused, and the average of what
+    was accepted is finite."""
+    aggregator = GlobalPartitionAggregator(model=MODEL)
+    fl_ctx = _context()
+    assert aggregator.accept(_contribution(_diff(partition, 1.0), "site-1", weight=12), fl_ctx)
+    with caplog.at_level("ERROR"):
+        for site in ("site-2", "site-3"):
+            assert not aggregator.accept(_contribution(_diff(partition, 3e38), site, weight=1e308), fl_ctx)
+    result = from_shareable(aggregator.aggregate(fl_ctx))
+    assert all(np.isfinite(value).all() for value in result.data.values())
+    assert result.get_meta_prop("contributors") == ["site-1"]
 
 
 def test_a_round_without_accepted_contributions_leaves_the_model_as_it_is(partition):
@@ -241,7 +259,7 @@ def test_a_job_continues_only_a_global_partition_saved_for_its_own_settings(tmp_
         other._continued()
     key = next(iter(state))
     torch.save({"global": {**state, key: state[key] * float("nan")}, "model": config.to_dict(), "method": "pfedsam"}, saved)
-    with pytest.raises(ValueError, match=f"non-finite values in {key}"):
+    with pytest.raises(ValueError, match=f"FL_global_model.pt: global state key '{key}' has non-finite values"):
         GlobalPartitionPersistor(model=MODEL, initial_global=str(saved))._continued()
     saved.write_bytes(b"garbage")
     with pytest.raises(ValueError, match="FL_global_model.pt cannot be read"):

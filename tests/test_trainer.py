@@ -3,8 +3,8 @@ import torch
 from sites import make_site
 
 from pfedsam_nvflare.model import ModelConfig
-from pfedsam_nvflare.training import LocalTrainer, SiteStateError, TrainerConfig, TrainingAborted
-from pfedsam_nvflare.training.site_state import STATE_FILE
+from pfedsam_nvflare.training import LocalTrainer, NonFiniteTraining, SiteStateError, TrainerConfig, TrainingAborted
+from pfedsam_nvflare.training.site_state import PREVIOUS_STATE_FILE, STATE_FILE
 
 TINY = ModelConfig(backbone="tiny")
 FAST = TrainerConfig(batch_size=4, lr_global=3e-3, lr_local=3e-3)
@@ -113,6 +113,79 @@ def test_a_state_file_of_another_configuration_is_refused(tmp_path):
     trainer.run_round(trainer.global_state())
     with pytest.raises(SiteStateError, match="was written for model"):
         LocalTrainer(ModelConfig(backbone="tiny", num_experts=2), FAST, data, None, tmp_path)
+
+
+def test_a_received_global_partition_with_nan_is_refused_before_anything_changes(tmp_path):
+    data = make_site(4, seed=6)
+    trainer = LocalTrainer(TINY, FAST, data, None, tmp_path)
+    before = {k: v.clone() for k, v in _states(trainer).items()}
+    state = trainer.global_state()
+    key = trainer.partition.global_keys[3]
+    state[key] = state[key] * float("nan")
+    with pytest.raises(ValueError, match=f"global state key '{key}' has non-finite values"):
+        trainer.run_round(state)
+    assert trainer.rounds_done == 0 and not (tmp_path / STATE_FILE).exists()
+    assert _equal(before, _states(trainer), before)
+
+
+def test_a_round_whose_loss_turns_nan_is_rolled_back_and_nothing_is_saved(tmp_path):
+    data = make_site(4, seed=6)
+    trainer = LocalTrainer(TINY, FAST, data, None, tmp_path)
+    trainer.run_round(trainer.global_state())
+    saved = (tmp_path / STATE_FILE).read_bytes()
+    before = {k: v.clone() for k, v in _states(trainer).items()}
+    healthy = trainer.segmentation_loss
+    trainer.segmentation_loss = lambda logits, masks: healthy(logits, masks) * float("nan")
+    with pytest.raises(NonFiniteTraining, match=r"round 2 local phase: the loss is nan .*rolled back"):
+        trainer.run_round(trainer.global_state())
+    assert trainer.rounds_done == 1 and (tmp_path / STATE_FILE).read_bytes() == saved
+    assert _equal(before, _states(trainer), before)
+
+
+def test_the_state_one_round_earlier_stays_beside_the_state(tmp_path):
+    data = make_site(4, seed=6)
+    trainer = LocalTrainer(TINY, FAST, data, None, tmp_path)
+    trainer.run_round(trainer.global_state())
+    first = (tmp_path / STATE_FILE).read_bytes()
+    trainer.run_round(trainer.global_state())
+    assert (tmp_path / PREVIOUS_STATE_FILE).read_bytes() == first
+    (tmp_path / PREVIOUS_STATE_FILE).replace(tmp_path / STATE_FILE)  # undo the second round by hand
+    assert LocalTrainer(TINY, FAST, data, None, tmp_path).rounds_done == 1
+
+
+def _tamper(path, change):
+    state = torch.load(path, weights_only=True)
+    change(state)
+    torch.save(state, path)
+
+
+def _nan_expert(state):
+    key = next(iter(state["local"]))
+    state["local"][key] = state["local"][key] * float("nan")
+
+
+def _wrong_moment(state):
+    moments = next(iter(state["optimizers"]["local"]["state"].values()))
+    moments["exp_avg"] = torch.zeros(3, 3)
+
+
+TAMPERED = {
+    "NaN expert": (_nan_expert, r"does not fit this model: local state key .* has non-finite values"),
+    "no rounds_done": (lambda state: state.pop("rounds_done"), "is incomplete: it has no 'rounds_done'"),
+    "rounds_done text": (lambda state: state.update(rounds_done="abc"), "rounds_done is 'abc', not a number of rounds"),
+    "optimiser moment of another shape": (_wrong_moment, "the local optimiser's 'exp_avg' of parameter 0 does not fit"),
+}
+
+
+@pytest.mark.parametrize("fault", list(TAMPERED))
+def test_a_tampered_state_file_is_refused_naming_it(tmp_path, fault):
+    change, expected = TAMPERED[fault]
+    data = make_site(4, seed=5)
+    trainer = LocalTrainer(TINY, FAST, data, None, tmp_path)
+    trainer.run_round(trainer.global_state())
+    _tamper(tmp_path / STATE_FILE, change)
+    with pytest.raises(SiteStateError, match=f"site state {tmp_path / STATE_FILE} .*{expected}"):
+        LocalTrainer(TINY, FAST, data, None, tmp_path)
 
 
 def test_received_global_state_is_checked_strictly(tmp_path):

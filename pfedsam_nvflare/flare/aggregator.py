@@ -16,6 +16,10 @@ from ..model import PartitionError
 from .settings import model_config_for, reference
 
 
+# A contribution's weight is its site's number of training samples: more than this is no site's.
+MAX_WEIGHT = 1e9
+
+
 class ContributionRejected(ValueError):
     """Why a site's contribution was not aggregated."""
 
@@ -62,11 +66,12 @@ class GlobalPartitionAggregator(Aggregator):
         for key, value in dxo.data.items():
             if not isinstance(value, np.ndarray) or not np.issubdtype(value.dtype, np.floating):
                 raise ContributionRejected(f"key {key!r} is not a floating-point array")
-            if not np.isfinite(value).all():
-                raise ContributionRejected(f"key {key!r} has non-finite values")
         weight = dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-            raise ContributionRejected(f"its weight {MetaKey.NUM_STEPS_CURRENT_ROUND}={weight!r} is not a positive number")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= MAX_WEIGHT:
+            raise ContributionRejected(
+                f"its weight {MetaKey.NUM_STEPS_CURRENT_ROUND}={weight!r} is not a number of training samples "
+                f"(finite, above 0, at most {MAX_WEIGHT:g})"
+            )
         return dxo, float(weight)
 
     def accept(self, shareable: Shareable, fl_ctx: FLContext) -> bool:
@@ -87,11 +92,16 @@ class GlobalPartitionAggregator(Aggregator):
         return True
 
     def aggregate(self, fl_ctx: FLContext) -> Shareable:
+        average = {}
         if self._contributors:
             average = {key: (total / self._total_weight).astype(np.float32) for key, total in self._sums.items()}
-            self.log_info(fl_ctx, f"averaged the contributions of {', '.join(self._contributors)}")
+            bad = next((key for key, value in average.items() if not np.isfinite(value).all()), None)
+            if bad is None:
+                self.log_info(fl_ctx, f"averaged the contributions of {', '.join(self._contributors)}")
+            else:  # the checks above keep it finite; checked before it leaves all the same
+                self.log_error(fl_ctx, f"the average of key {bad!r} is not finite; the global partition stays as it is")
+                average, self._contributors = {}, []
         else:  # an empty difference: the global partition stays as it is
-            average = {}
             self.log_error(fl_ctx, "no contribution was accepted this round; the global partition stays as it is")
         dxo = DXO(DataKind.WEIGHT_DIFF, average, meta={"contributors": list(self._contributors)})
         self.reset(fl_ctx)

@@ -30,7 +30,7 @@ from ..model.kept import KeptModel
 from ..model.backbones import INPUT_SIZES
 from ..model.partition import GLOBAL
 from ..reports import plot_overlays
-from ..training import LocalTrainer, TrainerConfig, TrainingAborted
+from ..training import LocalTrainer, NonFiniteTraining, TrainerConfig, TrainingAborted
 from ..training.samples import boxes_from_masks
 from .settings import METRICS_META_KEY
 from .site_storage import configured_state_dir
@@ -236,6 +236,9 @@ class PFedSAMExecutor(Executor):
         except TrainingAborted as aborted:
             self.log_info(fl_ctx, str(aborted))
             return make_reply(ReturnCode.TASK_ABORTED)
+        except NonFiniteTraining as failure:
+            self.log_error(fl_ctx, str(failure))
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         after = self._trainer.validate(paths=("personalized",))
         metrics = {"round": current_round, "train_samples": result.num_samples, **result.metrics, **before, **after}
         metrics["bytes_received"] = _nbytes(received)
@@ -295,6 +298,9 @@ class PFedSAMExecutor(Executor):
             except TrainingAborted as aborted:
                 self.log_info(fl_ctx, str(aborted))
                 return make_reply(ReturnCode.TASK_ABORTED)
+            except NonFiniteTraining as failure:
+                self.log_error(fl_ctx, str(failure))
+                return make_reply(ReturnCode.EXECUTION_EXCEPTION)
             scores = None
         path = kept.save(self._site_dir / kept_model_file(model_owner))
         if scores is None:

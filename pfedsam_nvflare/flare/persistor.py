@@ -81,9 +81,6 @@ class GlobalPartitionPersistor(ModelPersistor):
             self._reference.partition.check(state, "global")
         except ValueError as error:
             raise ValueError(f"initial global partition {path}: {error}") from error
-        bad = [key for key, value in state.items() if not torch.isfinite(torch.as_tensor(value)).all()]
-        if bad:
-            raise ValueError(f"initial global partition {path}: non-finite values in {', '.join(bad[:5])}")
         return {key: torch.as_tensor(value, dtype=torch.float32) for key, value in state.items()}
 
     def save_model(self, model: ModelLearnable, fl_ctx: FLContext) -> None:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..atomic import read_torch_file
+from .partition import is_finite
 
 
 class CheckpointError(ValueError):
@@ -68,6 +69,9 @@ def load_checkpoint(module: nn.Module, path: str | Path, *, expected_sha256: str
     }
     if misshaped:
         problems.append(f"{len(misshaped)} keys of the wrong shape ({_first(misshaped)})")
+    non_finite = {key for key, value in state.items() if isinstance(value, torch.Tensor) and not is_finite(value)}
+    if non_finite:
+        problems.append(f"{len(non_finite)} keys with non-finite values ({_first(non_finite)})")
     if problems:
         raise CheckpointError(f"checkpoint {path} does not fit this model: " + "; ".join(problems))
     module.load_state_dict(state)

@@ -14,7 +14,7 @@ import torch
 from ..atomic import atomic_save, read_torch_file
 from .backbones import backbone_sha256
 from .checkpoints import CheckpointError
-from .partition import GLOBAL, LOCAL, Partition
+from .partition import GLOBAL, LOCAL, Partition, is_finite
 from .pfedsam import ModelConfig, PFedSAM, build_pfedsam
 
 KEPT_MODEL_FORMAT = "pfedsam_nvflare.kept_model/1"
@@ -79,7 +79,7 @@ def _check_finite(states: dict[str, dict[str, torch.Tensor] | None], path: Path)
         for key, value in (state or {}).items():
             if not isinstance(value, torch.Tensor):
                 raise KeptModelError(f"{path}: {name} key {key!r} is not a tensor")
-            if not torch.isfinite(value).all():
+            if not is_finite(value):
                 raise KeptModelError(f"{path}: {name} key {key!r} has non-finite values")
 
 

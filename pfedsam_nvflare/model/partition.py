@@ -20,7 +20,14 @@ def _copy(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class PartitionError(ValueError):
-    """A state does not match a partition's key set exactly."""
+    """A state does not match a partition's key set exactly, or holds a number no model can run with."""
+
+
+def is_finite(value: Any) -> bool:
+    """Every element finite once stored as float32: NaN, infinities and float64 values beyond float32's range
+    (which become infinite when a model loads them) are not."""
+    tensor = torch.as_tensor(value)
+    return not tensor.is_floating_point() or bool(torch.isfinite(tensor.to(torch.float32)).all())
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,7 @@ class Partition:
         return [parameters[key] for key in self.keys(role)]
 
     def check(self, state: Mapping[str, Any], role: str) -> None:
-        """Raise ``PartitionError`` naming the first missing, foreign or mis-shaped key of ``state``."""
+        """Raise ``PartitionError`` naming the first missing, foreign, mis-shaped or non-finite key of ``state``."""
         expected = self.keys(role)
         missing = [key for key in expected if key not in state]
         if missing:
@@ -97,6 +104,10 @@ class Partition:
             shape = tuple(getattr(state[key], "shape", ()))
             if shape != self.shapes[key]:
                 raise PartitionError(f"{role} state key {key!r} has shape {shape}, expected {self.shapes[key]}")
+            if not is_finite(state[key]):
+                raise PartitionError(
+                    f"{role} state key {key!r} has non-finite values (NaN, infinity or beyond float32's range)"
+                )
 
     def _describe(self, key: str) -> str:
         if key in self.local_keys:

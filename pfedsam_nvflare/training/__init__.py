@@ -2,6 +2,15 @@
 
 from .methods import METHODS, Method
 from .site_state import SiteStateError
-from .trainer import LocalTrainer, RoundResult, TrainerConfig, TrainingAborted
+from .trainer import LocalTrainer, NonFiniteTraining, RoundResult, TrainerConfig, TrainingAborted
 
-__all__ = ["METHODS", "LocalTrainer", "Method", "RoundResult", "SiteStateError", "TrainerConfig", "TrainingAborted"]
+__all__ = [
+    "METHODS",
+    "LocalTrainer",
+    "Method",
+    "NonFiniteTraining",
+    "RoundResult",
+    "SiteStateError",
+    "TrainerConfig",
+    "TrainingAborted",
+]

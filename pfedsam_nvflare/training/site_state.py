@@ -3,6 +3,8 @@ atomically so that a crash never leaves half a file, and read back all-or-nothin
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ import torch
 from ..atomic import atomic_save
 
 STATE_FILE = "site_state.pt"
+PREVIOUS_STATE_FILE = "site_state.prev.pt"
 STATE_FORMAT = 1
 
 
@@ -19,7 +22,15 @@ class SiteStateError(RuntimeError):
 
 
 def save_site_state(site_dir: Path, state: dict[str, Any]) -> Path:
-    return atomic_save({"format": STATE_FORMAT, **state}, site_dir / STATE_FILE)
+    """Write the state; the one it replaces stays beside it as ``site_state.prev.pt`` (undo one round by moving it
+    back), and a crash at any point leaves a complete current file."""
+    path = site_dir / STATE_FILE
+    if path.exists():
+        previous = path.with_name(PREVIOUS_STATE_FILE)
+        copy = previous.with_name(previous.name + ".copying")
+        shutil.copyfile(path, copy)
+        os.replace(copy, previous)
+    return atomic_save({"format": STATE_FORMAT, **state}, path)
 
 
 def load_site_state(site_dir: Path) -> dict[str, Any] | None:
@@ -32,7 +43,8 @@ def load_site_state(site_dir: Path) -> dict[str, Any] | None:
     except Exception as error:  # a truncated zip and a damaged pickle raise unrelated types
         raise SiteStateError(
             f"site state {path} cannot be read ({type(error).__name__}: {error}); it is cut short or corrupted. "
-            "Restore it from a backup, or delete it to start this site's local partition afresh"
+            f"Restore it from {PREVIOUS_STATE_FILE} beside it (the state one round earlier) or a backup, or delete it "
+            "to start this site's local partition afresh"
         ) from error
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise SiteStateError(f"site state {path} is not a format-{STATE_FORMAT} pfedsam_nvflare site state")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..model import ModelConfig, Partition, PFedSAM, build_pfedsam
-from ..model.partition import GLOBAL, LOCAL
+from ..model.partition import GLOBAL, LOCAL, is_finite
 from ..model.pfedsam import PATHS
 from .compute import autocast, check_device, check_precision, place, resolve_device, resolve_precision
 from .losses import SegmentationLoss, distillation_loss
@@ -28,7 +28,7 @@ from .methods import PERSONAL, get_method
 from .metrics import SegmentationScores
 from .feature_cache import CACHE_DTYPES, FeatureCache
 from .samples import Batch, SampleStore
-from .site_state import SiteStateError, load_site_state, save_site_state
+from .site_state import STATE_FILE, SiteStateError, load_site_state, save_site_state
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,10 @@ def _float_state(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 
 class TrainingAborted(RuntimeError):
     """``should_abort`` asked the round to stop; nothing of the round was kept."""
+
+
+class NonFiniteTraining(RuntimeError):
+    """A round produced a non-finite loss or weight; it was rolled back and nothing of it was saved."""
 
 
 @dataclass(frozen=True)
@@ -207,11 +211,11 @@ class LocalTrainer:
         state = load_site_state(self.site_dir)
         if state is None:
             return
-        path = self.site_dir
+        path = self.site_dir / STATE_FILE
         for key, expected in self._fingerprint().items():
             if state.get(key) != expected:
                 raise SiteStateError(
-                    f"site state in {path} was written for {key} {state.get(key)!r}, not {expected!r}; use another "
+                    f"site state {path} was written for {key} {state.get(key)!r}, not {expected!r}; use another "
                     "site directory for another configuration"
                 )
         try:
@@ -219,12 +223,15 @@ class LocalTrainer:
             for name in ("global", PERSONAL):
                 if name in state:
                     self.partition.check(state[name], GLOBAL)
+            rounds_done = state["rounds_done"]
+            if isinstance(rounds_done, bool) or not isinstance(rounds_done, int) or rounds_done < 0:
+                raise ValueError(f"rounds_done is {rounds_done!r}, not a number of rounds")
             for role, optimizer in self.optimizers.items():
-                saved_groups = state["optimizers"][role]["param_groups"]
-                if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in optimizer.param_groups]:
-                    raise SiteStateError(f"site state in {path}: the {role} optimiser state does not fit this model")
-        except (KeyError, TypeError, ValueError) as error:
-            raise SiteStateError(f"site state in {path} is incomplete or does not fit this model: {error}") from error
+                self._check_optimizer_state(state["optimizers"][role], optimizer, role)
+        except KeyError as error:
+            raise SiteStateError(f"site state {path} is incomplete: it has no {error.args[0]!r}") from error
+        except (TypeError, ValueError) as error:
+            raise SiteStateError(f"site state {path} does not fit this model: {error}") from error
         self.partition.load_local(self.model, state["local"])
         if "global" in state:
             self.partition.load_global(self.model, state["global"])
@@ -233,8 +240,26 @@ class LocalTrainer:
             self.personal = _float_state(state[PERSONAL])
         for role, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state["optimizers"][role])
-        self.rounds_done = int(state["rounds_done"])
+        self.rounds_done = state["rounds_done"]
         logger.info("%s: resumed after round %d from %s", self.site_name, self.rounds_done, path)
+
+    @staticmethod
+    def _check_optimizer_state(saved: Mapping[str, Any], optimizer: torch.optim.Optimizer, role: str) -> None:
+        """A saved optimiser state fits ``optimizer``: as many parameters per group, and every per-parameter tensor
+        (AdamW's moments) of its parameter's shape and finite."""
+        groups = saved["param_groups"]
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
+            raise ValueError(f"the {role} optimiser state has other parameter groups than this model")
+        indices = [index for group in groups for index in group["params"]]
+        parameters = dict(zip(indices, (p for group in optimizer.param_groups for p in group["params"])))
+        for index, values in saved["state"].items():
+            for name, value in values.items():
+                if not isinstance(value, torch.Tensor) or value.ndim == 0:
+                    continue
+                if index not in parameters or value.shape != parameters[index].shape:
+                    raise ValueError(f"the {role} optimiser's {name!r} of parameter {index} does not fit this model")
+                if not is_finite(value):
+                    raise ValueError(f"the {role} optimiser's {name!r} of parameter {index} has non-finite values")
 
     def _snapshot(self) -> tuple:
         return (
@@ -243,6 +268,17 @@ class LocalTrainer:
             copy.deepcopy({name: o.state_dict() for name, o in self.optimizers.items()}),
             None if self.personal is None else dict(self.personal),
         )
+
+    def _check_finite(self, stage: str) -> None:
+        """Refuse weights a model cannot run with, before anything is sent or saved."""
+        states = {"global": self.global_state(), "local": self.local_state(), PERSONAL: self.personal or {}}
+        for name, state in states.items():
+            bad = next((key for key, value in state.items() if not is_finite(value)), None)
+            if bad is not None:
+                raise NonFiniteTraining(
+                    f"{self.site_name}: {stage} made {name} weight {bad!r} non-finite; the round was rolled back "
+                    "and nothing of it was saved"
+                )
 
     def _restore(self, snapshot: tuple) -> None:
         global_state, local_state, optimizers, personal = snapshot
@@ -277,7 +313,8 @@ class LocalTrainer:
         try:
             for phase in phases:
                 metrics.update(phase(round_index, start, should_abort))
-        except TrainingAborted:
+            self._check_finite(f"round {round_index}")
+        except (TrainingAborted, NonFiniteTraining):
             self._restore(snapshot)
             raise
         after = self.global_state()
@@ -396,6 +433,11 @@ class LocalTrainer:
                     if anchors is not None:
                         proximal = sum(((p - a.to(p.device)) ** 2).sum() for p, a in zip(trained, anchors))
                         loss = loss + config.ditto_lambda / 2 * proximal
+                    if not torch.isfinite(loss):
+                        raise NonFiniteTraining(
+                            f"{self.site_name}: {stage} {name} phase: the loss is {loss.item()} at epoch {epoch} step "
+                            f"{step}; the round was rolled back and nothing of it was saved"
+                        )
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -422,6 +464,7 @@ class LocalTrainer:
             if not self.keeps_own_global:
                 self.partition.load_global(self.model, received)
             self._local_phase(self.rounds_done + 1, self.global_state(), should_abort, stage="final fit")
+            self._check_finite("the final fit")
             return KeptWeights(
                 global_state=self.global_state(),
                 local_state=self.local_state(),
