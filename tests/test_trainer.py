@@ -128,10 +128,15 @@ def test_a_received_global_partition_with_nan_is_refused_before_anything_changes
     assert _equal(before, _states(trainer), before)
 
 
-def test_a_round_whose_loss_turns_nan_is_rolled_back_and_nothing_is_saved(tmp_path):
-    data = make_site(4, seed=6)
-    trainer = LocalTrainer(TINY, FAST, data, None, tmp_path)
+def _after_one_round(site_dir, seed=6):
+    data = make_site(4, seed=seed)
+    trainer = LocalTrainer(TINY, FAST, data, None, site_dir)
     trainer.run_round(trainer.global_state())
+    return data, trainer
+
+
+def test_a_round_whose_loss_turns_nan_is_rolled_back_and_nothing_is_saved(tmp_path):
+    _, trainer = _after_one_round(tmp_path)
     saved = (tmp_path / STATE_FILE).read_bytes()
     before = {k: v.clone() for k, v in _states(trainer).items()}
     healthy = trainer.segmentation_loss
@@ -143,9 +148,7 @@ def test_a_round_whose_loss_turns_nan_is_rolled_back_and_nothing_is_saved(tmp_pa
 
 
 def test_the_state_one_round_earlier_stays_beside_the_state(tmp_path):
-    data = make_site(4, seed=6)
-    trainer = LocalTrainer(TINY, FAST, data, None, tmp_path)
-    trainer.run_round(trainer.global_state())
+    data, trainer = _after_one_round(tmp_path)
     first = (tmp_path / STATE_FILE).read_bytes()
     trainer.run_round(trainer.global_state())
     assert (tmp_path / PREVIOUS_STATE_FILE).read_bytes() == first
@@ -180,9 +183,7 @@ TAMPERED = {
 @pytest.mark.parametrize("fault", list(TAMPERED))
 def test_a_tampered_state_file_is_refused_naming_it(tmp_path, fault):
     change, expected = TAMPERED[fault]
-    data = make_site(4, seed=5)
-    trainer = LocalTrainer(TINY, FAST, data, None, tmp_path)
-    trainer.run_round(trainer.global_state())
+    data, _ = _after_one_round(tmp_path, seed=5)
     _tamper(tmp_path / STATE_FILE, change)
     with pytest.raises(SiteStateError, match=f"site state {tmp_path / STATE_FILE} .*{expected}"):
         LocalTrainer(TINY, FAST, data, None, tmp_path)
