@@ -51,6 +51,13 @@ def _allow_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _privacy(args: argparse.Namespace) -> int:
+    from .flare.privacy import privacy_status
+
+    print(privacy_status(args.site_workspace))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .flare.demo import run_demo
     from .flare.jobs import JOB_PRIVACY
@@ -295,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export-jobs", help="write the job folders (the repository's jobs/)")
     export.add_argument("--out", default="jobs")
     export.set_defaults(run=_export_jobs)
+
+    privacy = commands.add_parser("privacy", help="a site's differential-privacy budget across its jobs")
+    privacy.add_argument("action", choices=["status"])
+    privacy.add_argument("site_workspace", help="the site's workspace (or its privacy_accountant.json)")
+    privacy.set_defaults(run=_privacy)
 
     allow = commands.add_parser("allow-list", help="let a site's FLARE build pfedsam_nvflare components")
     allow.add_argument("local_dir", help="the site's local/ folder (for the simulator: WORKSPACE/local)")

@@ -139,7 +139,7 @@ def test_once_the_dp_budget_is_spent_the_sites_keep_their_updates_and_the_job_en
     for site in SITES:
         report = metrics["rounds"][0]["updates"][site]["privacy"]
         assert report["releases"] == 1 and report["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5))
-        state = json.loads((workspace / site / "simulate_job" / "privacy_accountant.json").read_text())
+        state = json.loads((workspace / site / "privacy_accountant.json").read_text())  # the site's, not the job's
         assert state["history"] == [[1.0, 1.0, 1]]  # no site released a second update
         logs.append((workspace / site / "log.txt").read_text())
     # the first refusal ends the job (3 sites, min_clients 3), so a slower site may be stopped before its filter

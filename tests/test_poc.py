@@ -93,8 +93,9 @@ def test_only_the_site_whose_policy_forces_dp_sends_clipped_noised_updates(poc):
             assert abs(entry["updates"][site]["l2_norm"] - noise_norm) > dp["clip_norm"] + 5 * std
     job_id = poc["result"].name
     kits = _kits(poc)
-    assert (kits / PRIVATE_SITE / job_id / "privacy_accountant.json").exists()
-    assert not any((kits / site / job_id / "privacy_accountant.json").exists() for site in set(SITES) - {PRIVATE_SITE})
+    assert (kits / PRIVATE_SITE / "privacy_accountant.json").exists()  # in the site's workspace: one budget for all jobs
+    assert not (kits / PRIVATE_SITE / job_id / "privacy_accountant.json").exists()
+    assert not any((kits / site / "privacy_accountant.json").exists() for site in set(SITES) - {PRIVATE_SITE})
 
 
 @pytest.mark.parametrize(

@@ -2,18 +2,21 @@
 the update a real training round produces."""
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
-from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_constant import ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
 from nvflare.app_common.filters.percentile_privacy import PercentilePrivacy
 from nvflare.app_common.filters.svt_privacy import SVTPrivacy
 from opacus.accountants import RDPAccountant
 from sites import make_site
 
-from pfedsam_nvflare.flare.privacy import GaussianPrivacy, l2_norm
+from pfedsam_nvflare.cli import main
+from pfedsam_nvflare.flare.privacy import ACCOUNTANT_FILE, GaussianPrivacy, l2_norm
 from pfedsam_nvflare.flare.settings import METRICS_META_KEY, PRIVACY_META_KEY, model_config_for, reference
 from pfedsam_nvflare.model import ModelConfig
 from pfedsam_nvflare.training import LocalTrainer, TrainerConfig
@@ -129,6 +132,95 @@ def test_a_state_file_kept_at_another_delta_is_refused(tmp_path, shapes, caplog)
     _send(GaussianPrivacy(delta=1e-5, accountant_file=str(state)), _update(shapes))
     assert _send(GaussianPrivacy(delta=1e-3, accountant_file=str(state)), _update(shapes)).get_return_code() != ReturnCode.OK
     assert "δ=1e-05, not 0.001" in caplog.text
+
+
+TAMPERED_ACCOUNTANTS = {
+    "negative steps": ([[1.0, 1.0, -50]], "release 0 has steps -50, not a whole number ≥ 1"),
+    "fractional steps": ([[1.0, 1.0, 2.5]], "release 0 has steps 2.5"),
+    "infinite noise": ([[1.0, 1.0, 2], [float("inf"), 1.0, 1]], "release 1 has noise multiplier inf"),
+    "no sample rate": ([[1.0, 0.0, 3]], "release 0 has sample rate 0.0, not in (0, 1]"),
+}
+
+
+@pytest.mark.parametrize("fault", list(TAMPERED_ACCOUNTANTS))
+def test_a_tampered_accountant_is_refused_naming_the_file(tmp_path, shapes, caplog, fault):
+    history, expected = TAMPERED_ACCOUNTANTS[fault]
+    state = tmp_path / "budget.json"
+    state.write_text(json.dumps({"history": history, "delta": 1e-5}))
+    blocked = _send(GaussianPrivacy(noise_multiplier=1.0, delta=1e-5, accountant_file=str(state)), _update(shapes))
+    assert blocked.get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR
+    assert f"the accountant's state {state}: {expected}" in caplog.text
+    assert json.loads(state.read_text())["history"] == json.loads(json.dumps(history))  # left as it was
+
+
+def test_an_accountant_that_cannot_be_written_keeps_the_update_and_names_the_file(tmp_path, shapes, caplog):
+    (tmp_path / "a-file").write_text("not a folder")
+    state = tmp_path / "a-file" / "budget.json"
+    blocked = _send(GaussianPrivacy(accountant_file=str(state)), _update(shapes))
+    assert blocked.get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR
+    assert f"the accountant's state {state} cannot be kept there" in caplog.text
+
+
+def test_jobs_releasing_at_once_take_turns_on_the_accountant(tmp_path, shapes):
+    state = tmp_path / "budget.json"
+    update = _update(shapes)
+
+    def release(count):
+        privacy = GaussianPrivacy(noise_multiplier=2.0, max_epsilon=1000, accountant_file=str(state))
+        return [_send(privacy, update).get_return_code() for _ in range(count)]
+
+    with ThreadPoolExecutor(4) as pool:
+        codes = [code for codes in pool.map(release, [5] * 4) for code in codes]
+    assert codes == [ReturnCode.OK] * 20
+    assert json.loads(state.read_text())["history"] == [[2.0, 1.0, 20]]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_policy_and_a_job_filter_never_both_noise_and_count_one_update(tmp_path, shapes, caplog):
+    caplog.set_level("INFO")
+    update = _update(shapes)
+    policy = GaussianPrivacy(clip_norm=0.5, noise_multiplier=1.5, max_epsilon=10, accountant_file=str(tmp_path / "site.json"))
+    noised = policy.process(DXO(DataKind.WEIGHT_DIFF, update).to_shareable(), FLContext())
+    sent = from_shareable(noised).data
+    job = GaussianPrivacy(clip_norm=1.0, noise_multiplier=1.0, max_epsilon=10, accountant_file=str(tmp_path / "job.json"))
+    passed = job.process(noised, FLContext())
+    assert passed.get_return_code() == ReturnCode.OK
+    assert all(np.array_equal(from_shareable(passed).data[key], sent[key]) for key in sent)  # not noised twice
+    assert not (tmp_path / "job.json").exists()  # nor counted twice
+    assert "already noised and counted by an earlier filter" in caplog.text
+    stricter = GaussianPrivacy(clip_norm=1.0, noise_multiplier=3.0, accountant_file=str(tmp_path / "job.json"))
+    refused = stricter.process(policy.process(DXO(DataKind.WEIGHT_DIFF, update).to_shareable(), FLContext()), FLContext())
+    assert refused.get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR
+    assert "less privately than this one asks (noise multiplier 1.5 < 3)" in caplog.text
+
+
+def test_only_noised_updates_and_metrics_leave(tmp_path, shapes, caplog):
+    privacy = GaussianPrivacy(accountant_file=str(tmp_path / "a.json"))
+    smuggled = _send(privacy, _update(shapes), kind=DataKind.APP_DEFINED)
+    assert smuggled.get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR
+    assert "it carries DataKind.APP_DEFINED; only DataKind.WEIGHT_DIFF (noised) and DataKind.METRICS leave" in caplog.text
+    raw = Shareable()
+    raw["weights"] = _update(shapes)
+    assert privacy.process(raw, FLContext()).get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR
+    assert "it is not a DXO" in caplog.text
+
+
+def test_privacy_status_shows_each_jobs_releases_and_what_is_left(tmp_path, shapes, capsys):
+    privacy = GaussianPrivacy(noise_multiplier=1.0, delta=1e-5, max_epsilon=10, accountant_file=str(tmp_path / ACCOUNTANT_FILE))
+    for job in ("job-a", "job-a", "job-b"):
+        fl_ctx = FLContext()
+        fl_ctx.set_prop(ReservedKey.RUN_NUM, job, private=False, sticky=False)
+        assert privacy.process(DXO(DataKind.WEIGHT_DIFF, _update(shapes)).to_shareable(), fl_ctx).get_return_code() == ReturnCode.OK
+    assert main(["privacy", "status", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    accountant = RDPAccountant()
+    for _ in range(3):
+        accountant.step(noise_multiplier=1.0, sample_rate=1.0)
+    spent = accountant.get_epsilon(1e-5)  # 9.01
+    assert f"spent ε={spent:.3f} at δ=1e-05 over 3 release(s); budget max_epsilon=10 (as of the last release): {10 - spent:.3f} left" in text
+    rows = {line.split()[0]: line.split()[1] for line in text.splitlines() if line.startswith("job-")}
+    assert rows == {"job-a": "2", "job-b": "1"}
+    assert main(["privacy", "status", str(tmp_path / "elsewhere")]) == 2
 
 
 @pytest.fixture(scope="module")
