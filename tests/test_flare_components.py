@@ -9,10 +9,12 @@ from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.fl_constant import FLContextKey, ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.app_event_type import AppEventType
 
 from pfedsam_nvflare.flare.aggregator import GlobalPartitionAggregator
 from pfedsam_nvflare.flare.filters import GlobalPartitionFilter
-from pfedsam_nvflare.flare.settings import model_config_for, reference
+from pfedsam_nvflare.flare.metrics_writer import RoundMetricsWriter
+from pfedsam_nvflare.flare.settings import METRICS_META_KEY, model_config_for, reference
 from pfedsam_nvflare.flare.threads import set_thread_budget, sites_on_this_machine
 
 MODEL = {"backbone": "tiny"}
@@ -264,3 +266,34 @@ def test_a_job_continues_only_a_global_partition_saved_for_its_own_settings(tmp_
     saved.write_bytes(b"garbage")
     with pytest.raises(ValueError, match="FL_global_model.pt cannot be read"):
         GlobalPartitionPersistor(model=MODEL, initial_global=str(saved))._continued()
+
+
+def _after_accept(writer, shareable, accepted):
+    fl_ctx = _context()
+    fl_ctx.set_prop(AppConstants.TRAINING_RESULT, shareable, private=True, sticky=False)
+    fl_ctx.set_prop(AppConstants.AGGREGATION_ACCEPTED, accepted, private=True, sticky=False)
+    writer.handle_event(AppEventType.AFTER_CONTRIBUTION_ACCEPT, fl_ctx)
+
+
+def test_the_metrics_record_only_accepted_contributions_and_small_flat_metrics(partition, tmp_path, caplog):
+    writer = RoundMetricsWriter()
+    writer._path, writer._record = tmp_path / "metrics.json", {"rounds": [], "final": {}}  # what START_RUN sets
+    writer.handle_event(AppEventType.ROUND_STARTED, _context())
+    good = _contribution(_diff(partition, 1.0), "site-1")
+    good_dxo = from_shareable(good)
+    good_dxo.set_meta_prop(METRICS_META_KEY, {"round": 0, "global_dice": 0.5})
+    _after_accept(writer, good_dxo.update_shareable(good), accepted=True)
+    late = _contribution(_diff(partition, 1.0), "site-2", contribution_round=0)
+    late_dxo = from_shareable(late)
+    late_dxo.set_meta_prop(METRICS_META_KEY, {"round": -1, "global_dice": 0.9})
+    _after_accept(writer, late_dxo.update_shareable(late), accepted=False)
+    huge = _contribution(_diff(partition, 1.0), "site-3")
+    huge_dxo = from_shareable(huge)
+    huge_dxo.set_meta_prop(METRICS_META_KEY, {f"m{i}": 1.0 for i in range(10_000)})
+    with caplog.at_level("WARNING"):
+        _after_accept(writer, huge_dxo.update_shareable(huge), accepted=True)
+    writer.handle_event(AppEventType.AFTER_AGGREGATION, _context())
+    (entry,) = writer._record["rounds"]
+    assert entry["sites"] == {"site-1": {"round": 0, "global_dice": 0.5}}  # the late one is not recorded
+    assert entry["rejected"] == ["site-2"] and set(entry["updates"]) == {"site-1", "site-3"}
+    assert "left out the metrics of site-3: 10000 entries, more than 64" in caplog.text

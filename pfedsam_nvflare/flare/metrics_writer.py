@@ -8,10 +8,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from nvflare.apis.dxo import DataKind, from_shareable
 from nvflare.apis.event_type import EventType
-from nvflare.apis.fl_constant import FLContextKey, ReservedKey
+from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
@@ -22,6 +21,25 @@ from ..reports import plot_learning_curves
 from ..atomic import atomic_write_text
 from .privacy import l2_norm
 from .settings import METRICS_META_KEY, PRIVACY_META_KEY
+
+
+MAX_ENTRIES, MAX_KEY_LENGTH, MAX_TEXT_LENGTH = 64, 64, 256  # a site's metrics: a few dozen named numbers
+
+
+def _unbounded(value: Any) -> str | None:
+    """Why ``value`` is not a small flat mapping of names to numbers (or short texts, or None); None if it is."""
+    if not isinstance(value, dict):
+        return f"it is a {type(value).__name__}, not a mapping"
+    if len(value) > MAX_ENTRIES:
+        return f"{len(value)} entries, more than {MAX_ENTRIES}"
+    for key, item in value.items():
+        if not isinstance(key, str) or len(key) > MAX_KEY_LENGTH:
+            return f"key {str(key)[:MAX_KEY_LENGTH]!r} is not a name of at most {MAX_KEY_LENGTH} characters"
+        if isinstance(item, str) and len(item) > MAX_TEXT_LENGTH:
+            return f"{key!r} is a text of {len(item)} characters, more than {MAX_TEXT_LENGTH}"
+        if item is not None and not isinstance(item, (bool, int, float, str)):
+            return f"{key!r} is a {type(item).__name__}, not a number"
+    return None
 
 
 class RoundMetricsWriter(Widget):
@@ -46,8 +64,13 @@ class RoundMetricsWriter(Widget):
         elif event_type == AppEventType.ROUND_STARTED:
             self._round = {"round": fl_ctx.get_prop(AppConstants.CURRENT_ROUND), "sites": {}, "updates": {}}
             self._round_began = time.monotonic()
-        elif event_type == AppEventType.BEFORE_CONTRIBUTION_ACCEPT and self._round is not None:
-            self._contribution(fl_ctx)
+        elif event_type == AppEventType.AFTER_CONTRIBUTION_ACCEPT and self._round is not None:
+            if fl_ctx.get_prop(AppConstants.AGGREGATION_ACCEPTED):
+                self._contribution(fl_ctx)
+            else:  # late, rejected or refused: not part of this round (the aggregator logged why)
+                shareable = fl_ctx.get_prop(AppConstants.TRAINING_RESULT)
+                site = shareable.get_peer_prop(ReservedKey.IDENTITY_NAME, "?") if isinstance(shareable, Shareable) else "?"
+                self._round.setdefault("rejected", []).append(site)
         elif event_type == AppEventType.AFTER_AGGREGATION and self._round is not None:
             aggregated = fl_ctx.get_prop(AppConstants.AGGREGATION_RESULT)
             if isinstance(aggregated, Shareable):
@@ -64,25 +87,26 @@ class RoundMetricsWriter(Widget):
             self.log_info(fl_ctx, f"metrics in {self._path}, learning curves in {path}")
 
     def _contribution(self, fl_ctx: FLContext) -> None:
-        shareable = fl_ctx.get_peer_context().get_prop(FLContextKey.SHAREABLE)
+        """Record an accepted contribution: its metrics and privacy report, each checked to be a small flat
+        mapping of numbers (what does not fit is left out, with a warning that names the site)."""
+        shareable = fl_ctx.get_prop(AppConstants.TRAINING_RESULT)
         site = shareable.get_peer_prop(ReservedKey.IDENTITY_NAME, "?")
-        try:
-            dxo = from_shareable(shareable)
-        except ValueError:
-            self.log_warning(fl_ctx, f"the contribution of {site} is not a DXO")
-            return
-        metrics = dxo.get_meta_prop(METRICS_META_KEY)
-        if isinstance(metrics, dict):
+        dxo = from_shareable(shareable)  # the aggregator accepted it: a DXO of arrays
+        update: dict[str, Any] = {"l2_norm": l2_norm(dxo.data)}
+        metrics = self._bounded(dxo.get_meta_prop(METRICS_META_KEY), f"the metrics of {site}", fl_ctx)
+        if metrics is not None:
             self._round["sites"][site] = metrics
-        else:
-            self.log_warning(fl_ctx, f"the contribution of {site} carries no {METRICS_META_KEY}")
-        update: dict[str, Any] = {}
-        if isinstance(dxo.data, dict) and all(isinstance(value, np.ndarray) for value in dxo.data.values()):
-            update["l2_norm"] = l2_norm(dxo.data)
-        privacy = dxo.get_meta_prop(PRIVACY_META_KEY)
-        if isinstance(privacy, dict):
+        privacy = self._bounded(dxo.get_meta_prop(PRIVACY_META_KEY), f"the privacy report of {site}", fl_ctx)
+        if privacy is not None:
             update["privacy"] = privacy
         self._round["updates"][site] = update
+
+    def _bounded(self, value: Any, what: str, fl_ctx: FLContext) -> dict[str, Any] | None:
+        problem = None if value is None else _unbounded(value)
+        if problem:
+            self.log_warning(fl_ctx, f"left out {what}: {problem}")
+            return None
+        return value
 
     def _validation(self, fl_ctx: FLContext) -> None:
         result = fl_ctx.get_prop(AppConstants.VALIDATION_RESULT)
