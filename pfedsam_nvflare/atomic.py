@@ -3,9 +3,12 @@ crash never leaves half a file and readers see the old file or the new one."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -55,3 +58,21 @@ def read_torch_file(path: Path, what: str, error: type[Exception]) -> Any:
         raise error(
             f"{what} {path} cannot be read ({type(failure).__name__}: {failure}); it is truncated or corrupted"
         ) from failure
+
+
+@contextmanager
+def staged_folder(target: Path) -> Iterator[Path]:
+    """A whole folder written under a temporary name beside ``target`` and renamed to it only once everything is
+    written: a failure leaves nothing behind. ``target`` must not exist yet, or be an empty folder."""
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise FileExistsError(errno.EEXIST, "exists and is not an empty folder; choose a new one", str(target))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
+    try:
+        yield staging
+        if target.exists():
+            target.rmdir()
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

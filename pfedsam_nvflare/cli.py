@@ -192,17 +192,35 @@ def _submit(args: argparse.Namespace) -> int:
     return 0 if outcome.status == RunStatus.FINISHED_COMPLETED else 1
 
 
+def _at_least(minimum: float, kind: type = int):
+    """An argparse type: a number of ``kind`` not below ``minimum`` (argparse names the option in its error)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}")
+        if not value >= minimum:  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"{text} is below {minimum}")
+        return value
+
+    return parse
+
+
+COUNT, NON_NEGATIVE, SECONDS = _at_least(1), _at_least(0), _at_least(0.0, float)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pfedsam", description="Personalized federated SAM on NVIDIA FLARE")
     commands = parser.add_subparsers(dest="command", required=True)
 
     make = commands.add_parser("make-data", help="write deterministic synthetic multi-site data")
     make.add_argument("--out", required=True, help="data root to write")
-    make.add_argument("--sites", type=int, default=3)
-    make.add_argument("--cases", type=int, default=6, help="cases per site")
-    make.add_argument("--size", type=int, default=128, help="image side in pixels")
-    make.add_argument("--depth", type=int, default=8, help="slices per NIfTI volume")
-    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--sites", type=COUNT, default=3)
+    make.add_argument("--cases", type=COUNT, default=6, help="cases per site")
+    make.add_argument("--size", type=COUNT, default=128, help="image side in pixels")
+    make.add_argument("--depth", type=COUNT, default=8, help="slices per NIfTI volume")
+    make.add_argument("--seed", type=NON_NEGATIVE, default=0)
     make.add_argument("--format", choices=["nifti", "png"], default="nifti")
     make.add_argument("--labels", type=int, choices=[1, 2], default=1, help="2 adds a nested inner structure")
     make.set_defaults(run=_make_data)
@@ -223,14 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--method", default="pfedsam", help="pfedsam (default), pfedsam_nokd, fedavg, local, fedsam or ditto"
     )
-    demo.add_argument("--rounds", type=int, default=3)
+    demo.add_argument("--rounds", type=COUNT, default=3)
     demo.add_argument("--dp", action="store_true", help="every site clips and noises its updates (the pfedsam_dp job)")
     demo.set_defaults(run=_demo)
 
     poc = commands.add_parser("poc", help="a FLARE POC deployment on this machine (mTLS), ready for pFedSAM jobs")
     poc.add_argument("action", choices=["prepare", "start", "stop"])
     poc.add_argument("--workspace", default="/tmp/pfedsam_poc", help="POC workspace (default /tmp/pfedsam_poc)")
-    poc.add_argument("--sites", type=int, default=3, help="prepare: number of sites, named site-1, site-2, ...")
+    poc.add_argument("--sites", type=COUNT, default=3, help="prepare: number of sites, named site-1, site-2, ...")
     poc.add_argument(
         "--privacy", action="append", default=[], metavar="SITE=FILE",
         help="prepare: install FILE as SITE's local/privacy.json (repeatable)",
@@ -245,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     kit.add_argument("--poc-workspace", help="a POC workspace: its project admin's kit is used")
     submit.add_argument("--username", help="the admin's name (default: the kit's folder name)")
     submit.add_argument("--results", default="results", help="folder the results are downloaded into")
-    submit.add_argument("--timeout", type=float, default=0, help="seconds to wait before aborting the job (0: no limit)")
+    submit.add_argument("--timeout", type=SECONDS, default=0, help="seconds to wait before aborting the job (0: no limit)")
     submit.set_defaults(run=_submit)
 
     compare = commands.add_parser(
@@ -253,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--data", help="data root (default: the job's generated sites)")
     compare.add_argument("--methods", default="pfedsam,pfedsam_nokd,fedavg,local,fedsam,ditto", help="comma-separated")
-    compare.add_argument("--rounds", type=int, default=3)
+    compare.add_argument("--rounds", type=COUNT, default=3)
     compare.add_argument("--out", default="comparison", help="folder for comparison.json/.md/.png and the runs")
     compare.add_argument("--backbone", default="lite_medsam", help="lite_medsam (default), tiny, vit_b, vit_l, vit_h")
     compare.add_argument("--checkpoint", help="the backbone's checkpoint (required for vit_*)")
@@ -286,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, help="folder for the label maps (<name>_seg.nii.gz, <name>_seg.png)")
     predict.add_argument("--global-only", action="store_true", help="the shared global model, without the site's own part")
     predict.add_argument("--device", default="auto", help="auto (the GPU where there is one), cpu or cuda[:N]")
-    predict.add_argument("--batch-size", type=int, default=4, help="slices per forward pass")
+    predict.add_argument("--batch-size", type=COUNT, default=4, help="slices per forward pass")
     predict.set_defaults(run=_predict)
 
     export_model = commands.add_parser(
@@ -325,8 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (DataError, DeploymentError, CheckpointError, KeptModelError, ValueError) as error:
-        print(f"pfedsam {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        message = str(error)
+    except OSError as error:  # a path that is a file where a folder must be, unwritable, missing
+        message = f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
+    print(f"pfedsam {args.command}: error: {' '.join(message.split())}", file=sys.stderr)  # one line
+    return 2
 
 
 if __name__ == "__main__":

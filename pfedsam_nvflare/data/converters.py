@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from PIL import Image
 
+from ..atomic import staged_folder
 from .layout import DataError, Labels
 
 PROSTATE_SITES = ("BIDMC", "HK", "I2CVB", "ISBI", "ISBI_1.5", "UCL")
@@ -29,25 +32,40 @@ def convert_prostate(source: str | Path, out: str | Path) -> dict[str, int]:
     if not sites:
         raise DataError(f"{source} holds none of the prostate sites {', '.join(PROSTATE_SITES)}")
     counts = {}
-    for site in sites:
-        files = {path.name.lower(): path for path in (source / site).iterdir()}
-        images = sorted((m.group(1), path) for path in (source / site).iterdir() if (m := _PROSTATE_IMAGE.match(path.name)))
-        if not images:
-            raise DataError(f"site {site}: {source / site} has no CaseNN.nii.gz images")
-        for folder in ("images", "masks"):
-            (out / site / folder).mkdir(parents=True, exist_ok=True)
-        for case, image_path in images:
-            mask_path = files.get(f"{case.lower()}_segmentation.nii.gz")
-            if mask_path is None:
-                raise DataError(f"{image_path}: case {case} has no {case}_segmentation.nii.gz")
-            name = f"Case{case[4:]}"
-            shutil.copyfile(image_path, out / site / "images" / f"{name}.nii.gz")
-            mask = nib.load(mask_path)
-            binary = (np.asarray(mask.dataobj) > 0).astype(np.uint8)
-            nib.save(nib.Nifti1Image(binary, mask.affine, mask.header), out / site / "masks" / f"{name}.nii.gz")
-        counts[site] = len(images)
-    Labels(("prostate",)).write(out)
+    with staged_folder(out) as staging:
+        for site in sites:
+            files = {path.name.lower(): path for path in (source / site).iterdir()}
+            images = sorted(
+                (m.group(1), path) for path in (source / site).iterdir() if (m := _PROSTATE_IMAGE.match(path.name))
+            )
+            if not images:
+                raise DataError(f"site {site}: {source / site} has no CaseNN.nii.gz images")
+            for folder in ("images", "masks"):
+                (staging / site / folder).mkdir(parents=True, exist_ok=True)
+            for case, image_path in images:
+                mask_path = files.get(f"{case.lower()}_segmentation.nii.gz")
+                if mask_path is None:
+                    raise DataError(f"{image_path}: case {case} has no {case}_segmentation.nii.gz")
+                name = f"Case{case[4:]}"
+                shutil.copyfile(image_path, staging / site / "images" / f"{name}.nii.gz")
+                with _naming(mask_path):
+                    mask = nib.load(mask_path)
+                    binary = (np.asarray(mask.dataobj) > 0).astype(np.uint8)
+                nib.save(nib.Nifti1Image(binary, mask.affine, mask.header), staging / site / "masks" / f"{name}.nii.gz")
+            counts[site] = len(images)
+        Labels(("prostate",)).write(staging)
     return counts
+
+
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Whatever a reader raises for a damaged file becomes a DataError that names it."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as error:  # nibabel, zlib and PIL raise unrelated types for a damaged file
+        raise DataError(f"{path} cannot be read ({type(error).__name__}: {error}); nothing was written") from error
 
 
 def _fundus_label_map(path: Path) -> np.ndarray:
@@ -74,26 +92,29 @@ def convert_fundus(source: str | Path, out: str | Path) -> dict[str, int]:
     if not sites:
         raise DataError(f"{source} has no site folders")
     counts = {}
-    for site in sites:
-        images = sorted(
-            path
-            for path in (source / site).rglob("*")
-            if path.parent.name.lower() == "image" and path.suffix.lower() in _FUNDUS_IMAGE_SUFFIXES
-        )
-        if not images:
-            raise DataError(f"site {site}: no images in folders named 'image' under {source / site}")
-        for folder in ("images", "masks"):
-            (out / site / folder).mkdir(parents=True, exist_ok=True)
-        for image_path in images:
-            mask_folder = image_path.parent.with_name("mask")
-            masks = sorted(mask_folder.glob(image_path.stem + ".*")) if mask_folder.is_dir() else []
-            if not masks:
-                raise DataError(f"{image_path}: no mask named {image_path.stem}.* in {mask_folder}")
-            parts = image_path.relative_to(source / site).parent.parent.parts
-            name = "_".join((*parts, image_path.stem))
-            with Image.open(image_path) as opened:
-                opened.convert("RGB").save(out / site / "images" / f"{name}.png")
-            Image.fromarray(_fundus_label_map(masks[0])).save(out / site / "masks" / f"{name}.png")
-        counts[site] = len(images)
-    Labels(("disc", "cup"), nested=True).write(out)
+    with staged_folder(out) as staging:
+        for site in sites:
+            images = sorted(
+                path
+                for path in (source / site).rglob("*")
+                if path.parent.name.lower() == "image" and path.suffix.lower() in _FUNDUS_IMAGE_SUFFIXES
+            )
+            if not images:
+                raise DataError(f"site {site}: no images in folders named 'image' under {source / site}")
+            for folder in ("images", "masks"):
+                (staging / site / folder).mkdir(parents=True, exist_ok=True)
+            for image_path in images:
+                mask_folder = image_path.parent.with_name("mask")
+                masks = sorted(mask_folder.glob(image_path.stem + ".*")) if mask_folder.is_dir() else []
+                if not masks:
+                    raise DataError(f"{image_path}: no mask named {image_path.stem}.* in {mask_folder}")
+                parts = image_path.relative_to(source / site).parent.parent.parts
+                name = "_".join((*parts, image_path.stem))
+                with _naming(image_path), Image.open(image_path) as opened:
+                    opened.convert("RGB").save(staging / site / "images" / f"{name}.png")
+                with _naming(masks[0]):
+                    label_map = _fundus_label_map(masks[0])
+                Image.fromarray(label_map).save(staging / site / "masks" / f"{name}.png")
+            counts[site] = len(images)
+        Labels(("disc", "cup"), nested=True).write(staging)
     return counts

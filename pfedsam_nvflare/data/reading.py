@@ -56,6 +56,11 @@ def read_volume(path: Path) -> Volume:
     spacing = tuple(float(v) for v in np.asarray(getattr(image, "pixdim", [1.0] * (array.ndim - 1))))
     if len(spacing) != array.ndim - 1 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
         raise DataError(f"{path}: voxel spacing {spacing} is not one positive size per spatial axis")
+    if array.shape[0] > 1 and not path.name.endswith(".png"):
+        raise DataError(
+            f"{path}: a 4D image of {array.shape[0]} frames or channels (shape {tuple(array.shape[1:])} each); "
+            "expected a 2D image or a 3D volume of one channel: save the frame to segment on its own"
+        )
     affine = None if path.name.endswith(".png") else np.asarray(image.affine, dtype=np.float64)
     return Volume(array, spacing, affine)
 
@@ -83,6 +88,8 @@ def read_case(case: Case, labels: Labels) -> CaseData:
         raise DataError(f"{case.image}: expected a 2D or 3D image, found {image.ndim - 1} spatial dimensions")
     if not np.isfinite(image).all():
         raise DataError(f"{case.image}: has non-finite values")
+    if image.min() == image.max():
+        raise DataError(f"{case.image}: every voxel has the value {image.min():g}; an empty or broken scan")
     allowed = set(range(len(labels.names) + 1))
     found = set(np.unique(mask).tolist())
     if not found <= allowed:

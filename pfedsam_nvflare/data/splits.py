@@ -75,6 +75,10 @@ class SiteSplit:
             split = cls(**json.loads(path.read_text()))
         except (ValueError, TypeError) as error:
             raise DataError(f"{path}: not a split file of this version ({error}); move it away to split again") from error
+        for name in ("train_cases", "val_cases", "test_cases"):
+            value = getattr(split, name)
+            if not isinstance(value, list) or not all(isinstance(case, str) for case in value):
+                raise DataError(f"{path}: {name} must be a list of case names, got {type(value).__name__} {value!r:.60}")
         named = split.train_cases + split.val_cases + split.test_cases
         if len(set(named)) != len(named):
             raise DataError(f"{path}: a case is named in more than one set")

@@ -47,16 +47,23 @@ def poc_deployment(workspace: str | Path) -> PocDeployment:
     project_file = workspace / "project.yml"
     if not project_file.exists():
         raise DeploymentError(f"no POC deployment in {workspace}: prepare one with `pfedsam poc prepare`")
-    project = yaml.safe_load(project_file.read_text())
-    participants = project["participants"]
-    kits = sorted((workspace / project["name"]).glob("prod_*"))
+    broken = f"the POC project file {project_file} is broken ({{}}): prepare the deployment again"
+    try:
+        project = yaml.safe_load(project_file.read_text())
+        participants = project["participants"]
+        kits = sorted((workspace / project["name"]).glob("prod_*"))
+
+        def named(kind: str, role: str | None = None) -> list[str]:
+            return [p["name"] for p in participants if p["type"] == kind and (role is None or p.get("role") == role)]
+
+        server, clients, admins = named("server"), tuple(named("client")), named("admin", "project_admin")
+    except (yaml.YAMLError, KeyError, TypeError, AttributeError) as error:
+        raise DeploymentError(broken.format(f"{type(error).__name__}: {error}")) from error
+    if not server or not admins:
+        raise DeploymentError(broken.format("it names no server or no project admin"))
     if not kits:
         raise DeploymentError(f"the POC deployment in {workspace} has no startup kits: prepare it again")
-
-    def named(kind: str, role: str | None = None) -> list[str]:
-        return [p["name"] for p in participants if p["type"] == kind and (role is None or p.get("role") == role)]
-
-    return PocDeployment(workspace, kits[-1], named("server")[0], tuple(named("client")), named("admin", "project_admin")[0])
+    return PocDeployment(workspace, kits[-1], server[0], clients, admins[0])
 
 
 def read_privacy_policy(path: str | Path) -> dict:

@@ -26,7 +26,14 @@ def allow_pfedsam_in(local_dir: str | Path) -> Path:
     local_dir = Path(local_dir)
     target = local_dir / "resources.json"
     source = target if target.exists() else local_dir / "resources.json.default"
-    resources = json.loads(source.read_text()) if source.exists() else {"format_version": 2}
+    if local_dir.exists() and not local_dir.is_dir():
+        raise ValueError(f"{local_dir} is a file, not a site's local/ folder")
+    try:
+        resources = json.loads(source.read_text()) if source.exists() else {"format_version": 2}
+    except ValueError as error:
+        raise ValueError(f"{source} is not valid JSON ({error})") from error
+    if not isinstance(resources, dict):
+        raise ValueError(f"{source} holds a JSON {type(resources).__name__}, not the object FLARE's resources.json is")
     local_dir.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(allow_pfedsam(resources), indent=2) + "\n")
     return target
