@@ -297,3 +297,21 @@ def test_the_metrics_record_only_accepted_contributions_and_small_flat_metrics(p
     assert entry["sites"] == {"site-1": {"round": 0, "global_dice": 0.5}}  # the late one is not recorded
     assert entry["rejected"] == ["site-2"] and set(entry["updates"]) == {"site-1", "site-3"}
     assert "left out the metrics of site-3: 10000 entries, more than 64" in caplog.text
+
+
+def test_a_site_refuses_a_global_partition_and_a_filter_a_result_made_for_other_model_settings(partition, caplog):
+    from nvflare.apis.fl_constant import ReturnCode
+
+    from pfedsam_nvflare.flare.executor import PFedSAMExecutor
+    from pfedsam_nvflare.flare.settings import MODEL_META_KEY, job_model
+
+    other = job_model({**MODEL, "lora_rank": 2})
+    task = DXO(DataKind.WEIGHTS, _diff(partition, 0.0), meta={MODEL_META_KEY: other}).to_shareable()
+    with caplog.at_level("ERROR"):
+        assert PFedSAMExecutor(model=MODEL)._received_global(task, _context()) is None
+    assert "lora_rank: 4 in this site's executor, 2 in the server's global partition" in caplog.text
+    fl_ctx = _context()
+    fl_ctx.set_prop(MODEL_META_KEY, other, private=False, sticky=False)
+    result = GlobalPartitionFilter(model=MODEL).process(_contribution(_diff(partition, 1.0)), fl_ctx)
+    assert result.get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR
+    assert "lora_rank: 4 in GlobalPartitionFilter, 2 in the site's executor" in caplog.text

@@ -160,3 +160,22 @@ def test_the_committed_simulator_workspace_allows_only_the_package():
     assert committed == allow_pfedsam({"format_version": 2})
     assert "*" not in committed["class_allow_list"] and PACKAGE_PREFIX in committed["class_allow_list"]
     assert "class_list_enforcement_mode" not in committed
+
+
+def test_a_job_whose_copies_of_the_model_settings_differ_stops_at_start_naming_both(tmp_path):
+    """The job folder holds one copy of the model settings per component; an edit to one of them stops the job before
+    any round, with one error that names the setting and both values (not a rejection every round)."""
+    job = export_tiny_job(tmp_path)
+    server_config = job / "app" / "config" / "config_fed_server.json"
+    config = json.loads(server_config.read_text())
+    aggregator = next(c for c in config["components"] if c["id"] == "aggregator")
+    aggregator["args"]["model"]["lora_rank"] = 2
+    server_config.write_text(json.dumps(config, indent=2))
+    workspace = tmp_path / "workspace"
+    allow_pfedsam_in(workspace / "local")
+    _simulate(job, workspace, tmp_path / "data")
+    log = (workspace / "server" / "log.txt").read_text()
+    assert "lora_rank: 2 in the aggregator, 4 in the persistor" in log
+    assert not (workspace / "server" / "simulate_job" / "app_server" / "FL_global_model.pt").exists()
+    metrics = workspace / "server" / "simulate_job" / "pfedsam_metrics.json"
+    assert not metrics.exists() or not json.loads(metrics.read_text())["rounds"]

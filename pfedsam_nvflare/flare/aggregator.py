@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
@@ -13,7 +14,7 @@ from nvflare.app_common.abstract.aggregator import Aggregator
 from nvflare.app_common.app_constant import AppConstants
 
 from ..model import PartitionError
-from .settings import model_config_for, reference
+from .settings import MODEL_META_KEY, job_model, model_config_for, reference, settings_mismatch
 
 
 # A contribution's weight is its site's number of training samples: more than this is no site's.
@@ -32,9 +33,11 @@ class GlobalPartitionAggregator(Aggregator):
     that says why; the round goes on with the others.
     """
 
-    def __init__(self, model: dict[str, Any] | None = None, method: str = "pfedsam"):
+    def __init__(
+        self, model: dict[str, Any] | None = None, method: str = "pfedsam", persistor_id: str = AppConstants.DEFAULT_PERSISTOR_ID
+    ):
         super().__init__()
-        self.model, self.method = model, method
+        self.model, self.method, self.persistor_id = model, method, persistor_id
         self._sums: dict[str, np.ndarray] = {}
         self._total_weight = 0.0
         self._contributors: list[str] = []
@@ -42,6 +45,16 @@ class GlobalPartitionAggregator(Aggregator):
     @property
     def _partition(self):
         return reference(model_config_for(self.model, self.method)).partition
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        if event_type != EventType.START_RUN:
+            return
+        persistor = fl_ctx.get_engine().get_component(self.persistor_id)
+        if persistor is None or not hasattr(persistor, "model"):
+            return  # another persistor: the sites check the settings each global partition carries
+        problem = settings_mismatch(job_model(self.model), job_model(persistor.model), "the aggregator", "the persistor")
+        if problem:
+            self.system_panic(problem, fl_ctx)
 
     def reset(self, fl_ctx: FLContext) -> None:
         self._sums, self._total_weight, self._contributors = {}, 0.0, []
@@ -103,6 +116,8 @@ class GlobalPartitionAggregator(Aggregator):
                 average, self._contributors = {}, []
         else:  # an empty difference: the global partition stays as it is
             self.log_error(fl_ctx, "no contribution was accepted this round; the global partition stays as it is")
-        dxo = DXO(DataKind.WEIGHT_DIFF, average, meta={"contributors": list(self._contributors)})
+        dxo = DXO(
+            DataKind.WEIGHT_DIFF, average, meta={"contributors": list(self._contributors), MODEL_META_KEY: job_model(self.model)}
+        )
         self.reset(fl_ctx)
         return dxo.to_shareable()

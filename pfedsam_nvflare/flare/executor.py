@@ -32,7 +32,7 @@ from ..model.partition import GLOBAL
 from ..reports import plot_overlays
 from ..training import LocalTrainer, NonFiniteTraining, TrainerConfig, TrainingAborted
 from ..training.samples import boxes_from_masks
-from .settings import METRICS_META_KEY
+from .settings import METRICS_META_KEY, MODEL_META_KEY, job_model, settings_mismatch
 from .site_storage import configured_state_dir
 from .threads import set_thread_budget
 
@@ -122,6 +122,7 @@ class PFedSAMExecutor(Executor):
     def _start(self, fl_ctx: FLContext) -> None:
         began = time.perf_counter()
         site = fl_ctx.get_identity_name()
+        fl_ctx.set_prop(MODEL_META_KEY, job_model(self.model), private=False, sticky=True)  # the filters compare
         threads, reason = set_thread_budget(fl_ctx)
         self.log_info(fl_ctx, f"{site}: {threads} torch threads ({reason})")
         try:
@@ -204,6 +205,12 @@ class PFedSAMExecutor(Executor):
             dxo = from_shareable(shareable)
             if dxo.data_kind != DataKind.WEIGHTS:
                 raise ValueError(f"task data is {dxo.data_kind}, expected {DataKind.WEIGHTS}")
+            problem = settings_mismatch(
+                job_model(self.model), dxo.get_meta_prop(MODEL_META_KEY, job_model(self.model)), "this site's executor",
+                "the server's global partition",
+            )
+            if problem:
+                raise ValueError(problem)
             self._trainer.partition.check(dxo.data, GLOBAL)
         except (ValueError, PartitionError) as error:
             self.log_error(fl_ctx, f"refused the task's model: {error}")

@@ -18,7 +18,7 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_common.model_desc import ModelDescriptor
 
 from ..atomic import atomic_save, read_torch_file
-from .settings import model_config_for, reference
+from .settings import MODEL_META_KEY, job_model, model_config_for, reference
 
 
 class GlobalPartitionPersistor(ModelPersistor):
@@ -61,7 +61,7 @@ class GlobalPartitionPersistor(ModelPersistor):
         else:
             weights = {key: value.numpy() for key, value in self._reference.initial_global.items()}
             self.log_info(fl_ctx, f"initial global partition: {len(weights)} keys of the pretrained model")
-        return make_model_learnable(weights, {})
+        return make_model_learnable(weights, {MODEL_META_KEY: job_model(self.model)})
 
     def _continued(self) -> dict[str, torch.Tensor]:
         """The global partition of ``initial_global``, refused unless it was saved for this job's model settings
@@ -109,7 +109,9 @@ class GlobalPartitionPersistor(ModelPersistor):
     def get_model(self, model_file: str, fl_ctx: FLContext) -> ModelLearnable:
         assert self._folder is not None
         saved = read_saved(self._folder / model_file)
-        return make_model_learnable({key: value.numpy() for key, value in saved["global"].items()}, {})
+        return make_model_learnable(
+            {key: value.numpy() for key, value in saved["global"].items()}, {MODEL_META_KEY: job_model(self.model)}
+        )
 
 
 def read_saved(path: Path) -> dict[str, Any]:
