@@ -278,7 +278,7 @@ def plot_comparison(result: dict[str, Any], path: Path) -> Path:
     bars.set_ylabel("test Dice")
     bars.set_title("the model each site keeps, on its test cases", fontsize=10)
     bars.set_ylim(_bar_floor([bar.get_height() for bar in bars.patches]), 1)
-    bars.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=min(len(runs), 4))
+    bars.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=max(1, min(len(runs), 4)))
     curves.set_xlabel("round")
     curves.set_ylabel("validation Dice (mean over sites)")
     curves.set_title("received global model (solid), site model after training (dashed)", fontsize=10)
