@@ -127,8 +127,9 @@ def test_the_hospital_policy_is_a_valid_privacy_policy():
 def test_the_commands_name_what_is_wrong(tmp_path, capsys):
     assert main(["poc", "prepare", "--workspace", str(tmp_path / "w"), "--privacy", "site-9=poc/privacy.json"]) == 2
     assert "not in the deployment: site-9" in capsys.readouterr().err
-    assert main(["poc", "prepare", "--workspace", str(tmp_path / "w"), "--sites", "0"]) == 2
-    assert "at least one site, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # argparse names the option
+        main(["poc", "prepare", "--workspace", str(tmp_path / "w"), "--sites", "0"])
+    assert refused.value.code == 2 and "argument --sites: 0 is below 1" in capsys.readouterr().err
     assert main(["submit", str(tmp_path), "--poc-workspace", str(tmp_path)]) == 2
     assert "no POC deployment in" in capsys.readouterr().err
     assert main(["submit", str(tmp_path), "--startup-kit", str(tmp_path)]) == 2
