@@ -113,8 +113,11 @@ class Comparison:
         missing = [site for site in sites if site not in available]
         if missing:
             raise DataError(f"site(s) {', '.join(missing)} not in {root} (it has {', '.join(available)})")
+        labels = list(Labels.of_root(root).names)
+        if "num_labels" not in self.changes:  # one output channel per label of the data, unless set explicitly
+            self.model = replace(self.model, num_labels=len(labels))
         result: dict[str, Any] = {
-            "data": {"root": str(root), "sites": sites, "labels": list(Labels.of_root(root).names)},
+            "data": {"root": str(root), "sites": sites, "labels": labels},
             "rounds": self.rounds,
             "settings": {"model": self.model.to_dict(), "changes": self.changes, "data": data.to_dict()},
             "methods": {},

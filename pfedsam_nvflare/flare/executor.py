@@ -151,6 +151,12 @@ class PFedSAMExecutor(Executor):
                 seed=data_config.seed,
                 split_file=self._state_dir / "split.json",
             )
+            names = self._site_data.labels.names
+            if len(names) != model_config.num_labels:
+                raise ValueError(
+                    f"{root}'s dataset.json names {len(names)} label(s) ({', '.join(names)}) but the job's model has "
+                    f"num_labels={model_config.num_labels}: set ModelConfig(num_labels={len(names)}) in the job"
+                )
             self._trainer = LocalTrainer(
                 model_config, trainer_config, self._site_data.train, self._site_data.val, self._state_dir, site_name=site
             )
