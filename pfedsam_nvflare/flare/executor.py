@@ -211,9 +211,9 @@ class PFedSAMExecutor(Executor):
             dxo = from_shareable(shareable)
             if dxo.data_kind != DataKind.WEIGHTS:
                 raise ValueError(f"task data is {dxo.data_kind}, expected {DataKind.WEIGHTS}")
+            ours = job_model(self.model)
             problem = settings_mismatch(
-                job_model(self.model), dxo.get_meta_prop(MODEL_META_KEY, job_model(self.model)), "this site's executor",
-                "the server's global partition",
+                ours, dxo.get_meta_prop(MODEL_META_KEY, ours), "this site's executor", "the server's global partition"
             )
             if problem:
                 raise ValueError(problem)
