@@ -1,5 +1,6 @@
 """Unit tests of the FLARE components in NVFlare's own style: real DXOs, Shareables and FLContexts."""
 
+import json
 from argparse import Namespace
 
 import numpy as np
@@ -315,3 +316,20 @@ def test_a_site_refuses_a_global_partition_and_a_filter_a_result_made_for_other_
     result = GlobalPartitionFilter(model=MODEL).process(_contribution(_diff(partition, 1.0)), fl_ctx)
     assert result.get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR
     assert "lora_rank: 4 in GlobalPartitionFilter, 2 in the site's executor" in caplog.text
+
+
+def test_the_metrics_name_a_site_that_stops_sending_and_the_round_it_dropped(tmp_path, caplog):
+    writer = RoundMetricsWriter()
+    writer._path, writer._record = tmp_path / "metrics.json", {"rounds": [], "dropped": {}, "final": {}}
+    for current_round, contributors in enumerate([["site-1", "site-2", "site-3"], ["site-1", "site-3"], ["site-1"]]):
+        started = _context(current_round)
+        writer.handle_event(AppEventType.ROUND_STARTED, started)
+        aggregated = DXO(DataKind.WEIGHT_DIFF, {}, meta={"contributors": contributors}).to_shareable()
+        finished = _context(current_round)
+        finished.set_prop(AppConstants.AGGREGATION_RESULT, aggregated, private=True, sticky=False)
+        with caplog.at_level("WARNING"):
+            writer.handle_event(AppEventType.AFTER_AGGREGATION, finished)
+    assert [entry["missing"] for entry in writer._record["rounds"]] == [[], ["site-2"], ["site-2", "site-3"]]
+    assert {site: entry["round"] for site, entry in writer._record["dropped"].items()} == {"site-2": 1, "site-3": 2}
+    assert "site-2 sent no update in round 1" in caplog.text and "site-3 sent no update in round 2" in caplog.text
+    assert json.loads((tmp_path / "metrics.json").read_text())["dropped"]["site-3"]["round"] == 2

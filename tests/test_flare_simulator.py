@@ -84,9 +84,10 @@ def test_the_metrics_file_has_every_site_for_every_round(run):
     workspace, _ = run
     server = workspace / "server" / "simulate_job"
     metrics = json.loads((server / "pfedsam_metrics.json").read_text())
-    assert [entry["round"] for entry in metrics["rounds"]] == [0, 1]
+    assert [entry["round"] for entry in metrics["rounds"]] == [0, 1] and metrics["dropped"] == {}
     for entry in metrics["rounds"]:
         assert sorted(entry["sites"]) == SITES and sorted(entry["contributors"]) == SITES
+        assert entry["missing"] == []  # every site connected to the server sent its update
         for values in entry["sites"].values():
             for key in ("personalized_dice", "personalized_hd95", "global_dice", "global_hd95", "global_loss", "bytes_sent", "bytes_received", "train_seconds"):
                 assert key in values, key

@@ -45,8 +45,11 @@ def _unbounded(value: Any) -> str | None:
 class RoundMetricsWriter(Widget):
     """Writes ``<run dir>/<file_name>`` after every round, and ``learning_curves.png`` beside it when the run ends:
     ``{"job", "method", "rounds": [{"round", "seconds", "sites": {site: metrics}, "updates": {site: {"l2_norm",
-    "privacy"}}, "contributors"}], "final": {model: {site: metrics}}}``. ``updates`` is what the server received:
-    the L2 norm of each site's update and, where the site applied ``GaussianPrivacy``, the privacy it spent."""
+    "privacy"}}, "contributors", "missing"}], "dropped": {site: {"round", "time"}}, "final": {model: {site:
+    metrics}}}``. ``updates`` is what the server received: the L2 norm of each site's update and, where the site
+    applied ``GaussianPrivacy``, the privacy it spent. ``missing``: the sites of the federation (connected when the
+    round began, or contributors of an earlier round) whose update is not in the round's average; ``dropped``: the
+    first round each of them went missing, and when (UTC), so that a site lost mid-job is named with its round."""
 
     def __init__(self, method: str = "pfedsam", file_name: str = "pfedsam_metrics.json"):
         super().__init__()
@@ -55,15 +58,19 @@ class RoundMetricsWriter(Widget):
         self._record: dict[str, Any] = {}
         self._round: dict[str, Any] | None = None
         self._round_began = 0.0
+        self._known_sites: set[str] = set()  # every site seen in the job: connected at a round's start or contributing
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         if event_type == EventType.START_RUN:
             run_dir = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id()))
             self._path = run_dir / self.file_name
-            self._record = {"job": fl_ctx.get_job_id(), "method": self.method, "rounds": [], "final": {}}
+            self._record = {"job": fl_ctx.get_job_id(), "method": self.method, "rounds": [], "dropped": {}, "final": {}}
         elif event_type == AppEventType.ROUND_STARTED:
             self._round = {"round": fl_ctx.get_prop(AppConstants.CURRENT_ROUND), "sites": {}, "updates": {}}
             self._round_began = time.monotonic()
+            engine = fl_ctx.get_engine()
+            if engine is not None:
+                self._known_sites.update(client.name for client in engine.get_clients())
         elif event_type == AppEventType.AFTER_CONTRIBUTION_ACCEPT and self._round is not None:
             if fl_ctx.get_prop(AppConstants.AGGREGATION_ACCEPTED):
                 self._contribution(fl_ctx)
@@ -75,6 +82,7 @@ class RoundMetricsWriter(Widget):
             aggregated = fl_ctx.get_prop(AppConstants.AGGREGATION_RESULT)
             if isinstance(aggregated, Shareable):
                 self._round["contributors"] = from_shareable(aggregated).get_meta_prop("contributors", [])
+            self._missing(fl_ctx)
             self._round["seconds"] = round(time.monotonic() - self._round_began, 2)
             self._record["rounds"].append(self._round)
             self._round = None
@@ -85,6 +93,18 @@ class RoundMetricsWriter(Widget):
             self._write()
             path = plot_learning_curves(self._record, self._path.with_name("learning_curves.png"))
             self.log_info(fl_ctx, f"metrics in {self._path}, learning curves in {path}")
+
+    def _missing(self, fl_ctx: FLContext) -> None:
+        """Name the known sites whose update is not in this round's average; the first time, record them as dropped."""
+        contributors = set(self._round.get("contributors", []))
+        missing = sorted(self._known_sites - contributors)
+        self._known_sites |= contributors
+        self._round["missing"] = missing
+        for site in missing:
+            if site not in self._record.setdefault("dropped", {}):
+                when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                self._record["dropped"][site] = {"round": self._round["round"], "time": when}
+                self.log_warning(fl_ctx, f"{site} sent no update in round {self._round['round']} (first missed at {when})")
 
     def _contribution(self, fl_ctx: FLContext) -> None:
         """Record an accepted contribution: its metrics and privacy report, each checked to be a small flat
