@@ -30,9 +30,12 @@ DATA = DataConfig(synthetic=SyntheticConfig(cases=4, size=48, depth=3))
 
 
 def _export(root: Path, name: str, rounds: int, min_clients: int, initial_global: Path | None = None) -> Path:
+    """The tiny job; a round waits up to a minute for a site slower than the first ``min_clients`` (a loaded test
+    machine), so that only the killed site goes missing."""
     recipe = PFedSAMRecipe(
         name=name, min_clients=min_clients, num_rounds=rounds, model=ModelConfig(backbone="tiny"),
-        trainer=TrainerConfig(batch_size=4), data=DATA, initial_global=None if initial_global is None else str(initial_global),
+        trainer=TrainerConfig(batch_size=4), data=DATA, wait_time_after_min_received=60,
+        initial_global=None if initial_global is None else str(initial_global),
     )
     recipe.export(str(root / "jobs"))
     return root / "jobs" / name

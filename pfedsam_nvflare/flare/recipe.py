@@ -10,7 +10,6 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.shareablegenerators.full_model_shareable_generator import FullModelShareableGenerator
 from nvflare.app_common.widgets.convert_to_fed_event import ConvertToFedEvent
 from nvflare.app_common.widgets.intime_model_selector import IntimeModelSelector
-from nvflare.app_common.workflows.global_model_eval import GlobalModelEval
 from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
 from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
 from nvflare.app_opt.tracking.tb.tb_writer import TBWriter
@@ -23,6 +22,7 @@ from ..training import TrainerConfig
 from .aggregator import GlobalPartitionAggregator
 from .executor import PFedSAMExecutor
 from .filters import GlobalPartitionFilter
+from .final_eval import ConnectedSitesModelEval
 from .metrics_writer import RoundMetricsWriter
 from .persistor import GlobalPartitionLocator, GlobalPartitionPersistor
 
@@ -41,7 +41,7 @@ WEIGHTS_TASKS = (AppConstants.TASK_TRAIN, AppConstants.TASK_SUBMIT_MODEL)
 
 class PFedSAMRecipe(Recipe):
     """Personalized federated SAM fine-tuning: ``ScatterAndGather`` rounds of the global partition, the L-MoE
-    kept at each site, then ``GlobalModelEval`` of the final and best global partitions at every site, where each
+    kept at each site, then ``ConnectedSitesModelEval`` of the final and best global partitions at every site, where each
     site keeps that model with its own part and scores it on its test cases.
 
     Args:
@@ -60,6 +60,10 @@ class PFedSAMRecipe(Recipe):
             (``FL_global_model.pt``): the job continues that federation instead of starting from the pretrained model.
             Sites continue with their own local partitions where they keep them (``site_storage``).
         train_timeout: seconds a site may take for one round (0: no limit).
+        wait_time_after_min_received: seconds a round still waits for the other sites once ``min_clients`` have
+            answered (FLARE's ``ScatterAndGather`` argument and default); a round ends at once when every site has
+            answered. With ``min_clients`` below the number of sites, a site slower than this is left out of the
+            round (listed as ``missing`` in the metrics).
     """
 
     def __init__(
@@ -74,6 +78,7 @@ class PFedSAMRecipe(Recipe):
         data: DataConfig | None = None,
         key_metric: str = "global_dice",
         train_timeout: int = 0,
+        wait_time_after_min_received: int = 10,
         initial_global: str | None = None,
     ):
         if method not in RECIPE_METHODS:
@@ -101,7 +106,7 @@ class PFedSAMRecipe(Recipe):
             ScatterAndGather(
                 min_clients=min_clients,
                 num_rounds=num_rounds,
-                wait_time_after_min_received=0,
+                wait_time_after_min_received=wait_time_after_min_received,
                 aggregator_id="aggregator",
                 persistor_id="persistor",
                 shareable_generator_id="shareable_generator",
@@ -110,7 +115,7 @@ class PFedSAMRecipe(Recipe):
             ),
             id="scatter_and_gather",
         )
-        job.to_server(GlobalModelEval(model_locator_id="model_locator"), id="global_model_eval")
+        job.to_server(ConnectedSitesModelEval(model_locator_id="model_locator"), id="global_model_eval")
 
         executor = PFedSAMExecutor(model=model_settings, trainer=trainer.to_dict(), data=self.data.to_dict())
         job.to_clients(
