@@ -10,6 +10,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.shareablegenerators.full_model_shareable_generator import FullModelShareableGenerator
 from nvflare.app_common.widgets.convert_to_fed_event import ConvertToFedEvent
 from nvflare.app_common.widgets.intime_model_selector import IntimeModelSelector
+from nvflare.app_common.workflows.global_model_eval import GlobalModelEval
 from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
 from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
 from nvflare.app_opt.tracking.tb.tb_writer import TBWriter
@@ -22,7 +23,6 @@ from ..training import TrainerConfig
 from .aggregator import GlobalPartitionAggregator
 from .executor import PFedSAMExecutor
 from .filters import GlobalPartitionFilter
-from .final_eval import ConnectedSitesModelEval
 from .metrics_writer import RoundMetricsWriter
 from .persistor import GlobalPartitionLocator, GlobalPartitionPersistor
 
@@ -41,7 +41,7 @@ WEIGHTS_TASKS = (AppConstants.TASK_TRAIN, AppConstants.TASK_SUBMIT_MODEL)
 
 class PFedSAMRecipe(Recipe):
     """Personalized federated SAM fine-tuning: ``ScatterAndGather`` rounds of the global partition, the L-MoE
-    kept at each site, then ``ConnectedSitesModelEval`` of the final and best global partitions at every site, where each
+    kept at each site, then ``GlobalModelEval`` of the final and best global partitions at every site, where each
     site keeps that model with its own part and scores it on its test cases.
 
     Args:
@@ -115,7 +115,7 @@ class PFedSAMRecipe(Recipe):
             ),
             id="scatter_and_gather",
         )
-        job.to_server(ConnectedSitesModelEval(model_locator_id="model_locator"), id="global_model_eval")
+        job.to_server(GlobalModelEval(model_locator_id="model_locator"), id="global_model_eval")
 
         executor = PFedSAMExecutor(model=model_settings, trainer=trainer.to_dict(), data=self.data.to_dict())
         job.to_clients(
