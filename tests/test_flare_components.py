@@ -278,7 +278,7 @@ def _after_accept(writer, shareable, accepted):
 
 def test_the_metrics_record_only_accepted_contributions_and_small_flat_metrics(partition, tmp_path, caplog):
     writer = RoundMetricsWriter()
-    writer._path, writer._record = tmp_path / "metrics.json", {"rounds": [], "final": {}}  # what START_RUN sets
+    writer._path, writer._record = tmp_path / "metrics.json", {"rounds": [], "dropped": {}, "final": {}}  # what START_RUN sets
     writer.handle_event(AppEventType.ROUND_STARTED, _context())
     good = _contribution(_diff(partition, 1.0), "site-1")
     good_dxo = from_shareable(good)

@@ -47,8 +47,8 @@ class RoundMetricsWriter(Widget):
     ``{"job", "method", "rounds": [{"round", "seconds", "sites": {site: metrics}, "updates": {site: {"l2_norm",
     "privacy"}}, "contributors", "missing"}], "dropped": {site: {"round", "time"}}, "final": {model: {site:
     metrics}}}``. ``updates`` is what the server received: the L2 norm of each site's update and, where the site
-    applied ``GaussianPrivacy``, the privacy it spent. ``missing``: the sites of the federation (connected when the
-    round began, or contributors of an earlier round) whose update is not in the round's average; ``dropped``: the
+    applied ``GaussianPrivacy``, the privacy it spent. ``missing``: the job's sites (as the server's engine lists them
+    when a round begins, and every earlier contributor) whose update is not in the round's average; ``dropped``: the
     first round each of them went missing, and when (UTC), so that a site lost mid-job is named with its round."""
 
     def __init__(self, method: str = "pfedsam", file_name: str = "pfedsam_metrics.json"):
@@ -58,7 +58,7 @@ class RoundMetricsWriter(Widget):
         self._record: dict[str, Any] = {}
         self._round: dict[str, Any] | None = None
         self._round_began = 0.0
-        self._known_sites: set[str] = set()  # every site seen in the job: connected at a round's start or contributing
+        self._known_sites: set[str] = set()  # the job's sites: listed by the engine at a round's start, or contributing
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         if event_type == EventType.START_RUN:
@@ -101,7 +101,7 @@ class RoundMetricsWriter(Widget):
         self._known_sites |= contributors
         self._round["missing"] = missing
         for site in missing:
-            if site not in self._record.setdefault("dropped", {}):
+            if site not in self._record["dropped"]:
                 when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
                 self._record["dropped"][site] = {"round": self._round["round"], "time": when}
                 self.log_warning(fl_ctx, f"{site} sent no update in round {self._round['round']} (first missed at {when})")
