@@ -49,7 +49,10 @@ def test_job_two_starts_from_job_ones_global_partition(jobs):
     _, first, second, saved, _ = jobs
     assert first[2] == 0 and second[2] == 0, (first[1] + second[1])[-5000:]
     log = second[1]
-    assert f"keys from {saved}" in log
+    assert f"keys from {saved} (after round 2 of the federation)" in log
+    job2_saved = second[0] / "server" / "simulate_job" / "app_server" / "FL_global_model.pt"
+    assert torch.load(saved, weights_only=True)["rounds_done"] == 2
+    assert torch.load(job2_saved, weights_only=True)["rounds_done"] == 3  # the federation's count goes on
     digest = _digest({key: value.numpy() for key, value in torch.load(saved, weights_only=True)["global"].items()})
     for site in SITES:
         assert f"{site}: round 1/1 starts from global partition {digest[:16]}" in log

@@ -151,6 +151,35 @@ def test_a_round_without_accepted_contributions_leaves_the_model_as_it_is(partit
     assert result.data_kind == DataKind.WEIGHT_DIFF and result.data == {}
 
 
+def test_an_average_that_is_not_finite_never_leaves_the_server(partition, caplog):
+    """The contribution checks keep the average finite; should a sum overflow all the same, it is not sent."""
+    aggregator = GlobalPartitionAggregator(model=MODEL)
+    assert aggregator.accept(_contribution(_diff(partition, 1.0), "site-1"), _context())
+    key = partition.global_keys[0]
+    aggregator._sums[key] = np.full(partition.shapes[key], 1e300)  # beyond float32 once averaged
+    with caplog.at_level("ERROR"):
+        result = from_shareable(aggregator.aggregate(_context()))
+    assert result.data == {} and result.get_meta_prop("contributors") == []
+    assert f"the average of key {key!r} is not finite" in caplog.text
+
+
+def test_the_server_writes_no_global_partition_that_is_not_finite_or_does_not_fit(partition, tmp_path):
+    from nvflare.app_common.abstract.model import make_model_learnable
+
+    from pfedsam_nvflare.flare.persistor import GlobalPartitionPersistor
+
+    persistor = GlobalPartitionPersistor(model=MODEL)
+    persistor._folder = tmp_path  # what START_RUN sets
+    state = reference(model_config_for(MODEL, "pfedsam")).initial_global
+    key = partition.global_keys[0]
+    for bad, why in (({**state, key: state[key] * float("nan")}, "non-finite"), ({**state, "extra": state[key]}, "unexpected key 'extra'")):
+        with pytest.raises(ValueError, match=why):
+            persistor.save_model(make_model_learnable({k: v.numpy() for k, v in bad.items()}, {}), _context())
+        assert list(tmp_path.iterdir()) == []
+    persistor.save_model(make_model_learnable({k: v.numpy() for k, v in state.items()}, {}), _context(current_round=2))
+    assert torch.load(tmp_path / "FL_global_model.pt", weights_only=True)["rounds_done"] == 3
+
+
 def test_the_filter_drops_non_global_keys_and_logs_only_their_names(partition, caplog):
     data = _diff(partition, 1.0)
     secret_key = partition.local_keys[0]
@@ -263,6 +292,9 @@ def test_a_job_continues_only_a_global_partition_saved_for_its_own_settings(tmp_
     key = next(iter(state))
     torch.save({"global": {**state, key: state[key] * float("nan")}, "model": config.to_dict(), "method": "pfedsam"}, saved)
     with pytest.raises(ValueError, match=f"FL_global_model.pt: global state key '{key}' has non-finite values"):
+        GlobalPartitionPersistor(model=MODEL, initial_global=str(saved))._continued()
+    torch.save({"global": state, "model": config.to_dict(), "method": "pfedsam", "rounds_done": -3}, saved)
+    with pytest.raises(ValueError, match="FL_global_model.pt: 'rounds_done' is -3, not a count of rounds"):
         GlobalPartitionPersistor(model=MODEL, initial_global=str(saved))._continued()
     saved.write_bytes(b"garbage")
     with pytest.raises(ValueError, match="FL_global_model.pt cannot be read"):

@@ -24,7 +24,8 @@ from .settings import MODEL_META_KEY, job_model, model_config_for, reference
 class GlobalPartitionPersistor(ModelPersistor):
     """Starts the job from the initial global partition of the configured model, or from ``initial_global`` (a
     global partition an earlier job saved, to continue that federation), and saves the latest and the best global
-    partition as ``{"global": {key: tensor}, "model": settings, "method": method}`` in the server's app folder."""
+    partition as ``{"global": {key: tensor}, "model": settings, "method": method, "rounds_done": n}`` in the
+    server's app folder; ``rounds_done`` counts the federation's rounds behind it, over continued jobs too."""
 
     def __init__(
         self,
@@ -39,6 +40,7 @@ class GlobalPartitionPersistor(ModelPersistor):
         self.global_model_file_name = global_model_file_name
         self.best_global_model_file_name = best_global_model_file_name
         self._folder: Path | None = None
+        self._rounds_before = 0  # rounds of the federation that ``initial_global`` already holds
 
     @property
     def _reference(self):
@@ -51,13 +53,18 @@ class GlobalPartitionPersistor(ModelPersistor):
         elif event_type == AppEventType.GLOBAL_BEST_MODEL_AVAILABLE:
             learnable = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
             if learnable:
-                path = self._write(learnable, self.best_global_model_file_name)
+                # the model the sites scored was sent at the start of this round
+                path = self._write(learnable, self.best_global_model_file_name, _round(fl_ctx))
                 self.log_info(fl_ctx, f"saved the best global partition to {path}")
 
     def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
         if self.initial_global:
             weights = {key: value.numpy() for key, value in self._continued().items()}
-            self.log_info(fl_ctx, f"initial global partition: {len(weights)} keys from {self.initial_global}")
+            self.log_info(
+                fl_ctx,
+                f"initial global partition: {len(weights)} keys from {self.initial_global} "
+                f"(after round {self._rounds_before} of the federation)",
+            )
         else:
             weights = {key: value.numpy() for key, value in self._reference.initial_global.items()}
             self.log_info(fl_ctx, f"initial global partition: {len(weights)} keys of the pretrained model")
@@ -76,6 +83,7 @@ class GlobalPartitionPersistor(ModelPersistor):
                 f"settings ({', '.join(changed) or 'method'} differ); a job continues only a federation of the same "
                 "model and method"
             )
+        self._rounds_before = saved_rounds(saved, path)
         state = saved["global"]
         try:
             self._reference.partition.check(state, "global")
@@ -84,9 +92,9 @@ class GlobalPartitionPersistor(ModelPersistor):
         return {key: torch.as_tensor(value, dtype=torch.float32) for key, value in state.items()}
 
     def save_model(self, model: ModelLearnable, fl_ctx: FLContext) -> None:
-        self._write(model, self.global_model_file_name)
+        self._write(model, self.global_model_file_name, _round(fl_ctx) + 1)
 
-    def _write(self, learnable: ModelLearnable, name: str) -> Path:
+    def _write(self, learnable: ModelLearnable, name: str, rounds_done: int) -> Path:
         weights = learnable[ModelLearnableKey.WEIGHTS]
         self._reference.partition.check(weights, "global")  # nothing but the global partition is ever written
         assert self._folder is not None
@@ -94,6 +102,7 @@ class GlobalPartitionPersistor(ModelPersistor):
             "global": {key: torch.as_tensor(value) for key, value in weights.items()},
             "model": model_config_for(self.model, self.method).to_dict(),
             "method": self.method,
+            "rounds_done": self._rounds_before + rounds_done,
         }
         return atomic_save(payload, self._folder / name)
 
@@ -120,6 +129,19 @@ def read_saved(path: Path) -> dict[str, Any]:
     if not isinstance(saved, dict) or not isinstance(saved.get("global"), dict):
         raise ValueError(f"{path} is not a global partition saved by a pfedsam_nvflare job (FL_global_model.pt)")
     return saved
+
+
+def saved_rounds(saved: dict[str, Any], path: Path) -> int:
+    """The federation's rounds behind a saved global partition (0 for a file written before they were recorded)."""
+    rounds = saved.get("rounds_done", 0)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise ValueError(f"{path}: 'rounds_done' is {rounds!r}, not a count of rounds")
+    return rounds
+
+
+def _round(fl_ctx: FLContext) -> int:
+    """The 0-based round ``ScatterAndGather`` is in."""
+    return int(fl_ctx.get_prop(AppConstants.CURRENT_ROUND, 0) or 0)
 
 
 class GlobalPartitionLocator(ModelLocator):

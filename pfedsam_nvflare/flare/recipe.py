@@ -64,6 +64,9 @@ class PFedSAMRecipe(Recipe):
             answered (FLARE's ``ScatterAndGather`` argument and default); a round ends at once when every site has
             answered. With ``min_clients`` below the number of sites, a site slower than this is left out of the
             round (listed as ``missing`` in the metrics).
+        validation_timeout: seconds the end-of-job evaluation (``GlobalModelEval``, FLARE's argument and default)
+            waits for a site's answer. A site lost before it begins still counts as one of the job's sites there,
+            so this bounds how long a lost site holds the end of the job.
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class PFedSAMRecipe(Recipe):
         key_metric: str = "global_dice",
         train_timeout: int = 0,
         wait_time_after_min_received: int = 10,
+        validation_timeout: int = 6000,
         initial_global: str | None = None,
     ):
         if method not in RECIPE_METHODS:
@@ -115,7 +119,7 @@ class PFedSAMRecipe(Recipe):
             ),
             id="scatter_and_gather",
         )
-        job.to_server(GlobalModelEval(model_locator_id="model_locator"), id="global_model_eval")
+        job.to_server(GlobalModelEval(model_locator_id="model_locator", validation_timeout=validation_timeout), id="global_model_eval")
 
         executor = PFedSAMExecutor(model=model_settings, trainer=trainer.to_dict(), data=self.data.to_dict())
         job.to_clients(
