@@ -63,6 +63,24 @@ def test_the_sets_name_the_expected_modules():
     assert "sam.image_encoder.blocks.0.attn.qkv.base.weight" in partition.frozen_keys
 
 
+def test_the_initial_global_partition_does_not_depend_on_the_experts():
+    """A federation's starting point is the same whatever the L-MoE, so that an ablation of the experts starts
+    every variant from one point; the seed still sets it."""
+    base = dict(backbone="tiny", decoder="lora")
+    variants = [{"num_experts": 0}, {"num_experts": 2}, {"num_experts": 8, "top_k": 2}, {"decoder_experts": True}]
+    reference = build_pfedsam(ModelConfig(**base))
+    partition = Partition.of(reference)
+    expected = partition.state(reference, "global")
+    for variant in variants:
+        model = build_pfedsam(ModelConfig(**base, **variant))
+        state = Partition.of(model).state(model, "global")
+        assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected), variant
+    other_seed = build_pfedsam(ModelConfig(**base, seed=1))
+    seeded = Partition.of(other_seed).state(other_seed, "global")
+    adapters = [key for key in expected if key.endswith(".adapter.down")]  # B starts at 0 whatever the seed
+    assert adapters and not any(torch.equal(seeded[key], expected[key]) for key in adapters)
+
+
 @pytest.fixture
 def model_and_partition():
     model = build_pfedsam(ModelConfig(backbone="tiny"))

@@ -22,6 +22,7 @@ PATHS = ("personalized", "global")
 DECODER_MODES = ("full", "lora", "frozen")
 # The decoder layers that ``decoder="lora"`` adapts: attention projections and MLP layers of its transformer.
 DECODER_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "out_proj", "lin1", "lin2")
+EXPERT_SEED_OFFSET = 7919  # the experts' stream: seed + this, apart from the global adapters' stream (seed)
 
 
 @dataclass(frozen=True)
@@ -96,10 +97,19 @@ class PFedSAM(nn.Module):
         if config.num_labels > num_tokens:
             raise ValueError(f"{backbone.name} has {num_tokens} mask tokens; num_labels={config.num_labels} is too many")
         with torch.random.fork_rng(devices=[]):
+            # The global adapters and the experts draw from two streams, so that the global partition a
+            # federation starts from is the same whatever the L-MoE's size or place.
             torch.manual_seed(config.seed)
-            self.adapted = [] if config.full_finetune else self._adapt_encoder()
-            if config.decoder == "lora" and not config.full_finetune:
-                self.adapted += self._adapt_decoder()
+            encoder = [] if config.full_finetune else self._adapt_encoder()
+            decoder = self._adapt_decoder() if config.decoder == "lora" and not config.full_finetune else []
+            self.adapted = encoder + decoder
+            torch.manual_seed(config.seed + EXPERT_SEED_OFFSET)
+            if config.num_experts:
+                for layer in encoder + (decoder if config.decoder_experts else []):
+                    layer.experts = ExpertMixture(
+                        layer.in_features, layer.out_features, config.num_experts, config.expert_rank,
+                        config.expert_alpha, config.top_k,
+                    )
         self._steps = encoder_steps(self.sam.image_encoder)  # a plain list: the steps' weights belong to self.sam
         trainable = [*self.global_parameters(), *self.local_parameters()]
         self.requires_grad_(False)
@@ -118,19 +128,13 @@ class PFedSAM(nn.Module):
                 )
             attentions = attentions[-self.config.adapted_blocks :]
         for attention in attentions:
-            attention.qkv = self._adapted(attention.qkv, with_experts=True)
+            attention.qkv = self._adapted(attention.qkv)
         return [attention.qkv for attention in attentions]
 
-    def _adapted(self, linear: nn.Linear, with_experts: bool) -> AdaptedLinear:
-        """``linear`` with a global LoRA and, where asked and the model has an L-MoE, local experts."""
-        cfg = self.config
-        experts = None
-        if with_experts and cfg.num_experts:
-            experts = ExpertMixture(
-                linear.in_features, linear.out_features, cfg.num_experts, cfg.expert_rank, cfg.expert_alpha, cfg.top_k
-            )
-        adapter = LowRankAdapter(linear.in_features, linear.out_features, cfg.lora_rank, cfg.lora_alpha)
-        return AdaptedLinear(linear, adapter, experts)
+    def _adapted(self, linear: nn.Linear) -> AdaptedLinear:
+        """``linear`` with a global LoRA; the experts are added after every adapter is drawn."""
+        adapter = LowRankAdapter(linear.in_features, linear.out_features, self.config.lora_rank, self.config.lora_alpha)
+        return AdaptedLinear(linear, adapter, None)
 
     def _adapt_decoder(self) -> list[AdaptedLinear]:
         adapted = []
@@ -138,7 +142,7 @@ class PFedSAM(nn.Module):
             for name in DECODER_LINEAR_NAMES:
                 linear = getattr(module, name, None)
                 if isinstance(linear, nn.Linear):
-                    setattr(module, name, self._adapted(linear, with_experts=self.config.decoder_experts))
+                    setattr(module, name, self._adapted(linear))
                     adapted.append(getattr(module, name))
         return adapted
 
