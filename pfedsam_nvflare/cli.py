@@ -60,9 +60,8 @@ def _privacy(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from .flare.demo import run_demo
-    from .flare.jobs import JOB_PRIVACY
 
-    _, text = run_demo(args.workspace, method=args.method, num_rounds=args.rounds, privacy=JOB_PRIVACY if args.dp else None)
+    _, text = run_demo(args.workspace, method=args.method, num_rounds=args.rounds, dp=args.dp)
     print(text)
     return 0
 
@@ -242,7 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--method", default="pfedsam", help="pfedsam (default), pfedsam_nokd, fedavg, local, fedsam or ditto"
     )
     demo.add_argument("--rounds", type=COUNT, default=3)
-    demo.add_argument("--dp", action="store_true", help="every site clips and noises its updates (the pfedsam_dp job)")
+    demo.add_argument(
+        "--dp",
+        nargs="?",
+        const="client",
+        choices=["client", "sgd"],
+        help="differential privacy: 'client' (the default of a bare --dp), every site clips and noises its updates "
+        "(the pfedsam_dp job); 'sgd', every site trains the global phase under DP-SGD (the pfedsam_dpsgd job)",
+    )
     demo.set_defaults(run=_demo)
 
     poc = commands.add_parser("poc", help="a FLARE POC deployment on this machine (mTLS), ready for pFedSAM jobs")
@@ -278,11 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--sites", help="comma-separated site folders of the data root (default: all)")
     compare.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="a ModelConfig or TrainerConfig setting for every run (repeatable), e.g. --set lr_global=1e-3",
+        help="a ModelConfig or TrainerConfig setting for every run (repeatable), e.g. --set lr_global=1e-3; also "
+        "dp_epsilon (DP-SGD) or client_epsilon (GaussianPrivacy): the ε (δ=1e-5) the rounds may spend, inf for none",
     )
     compare.add_argument(
         "--ablate", action="append", default=[], metavar="KEY=V1,V2",
-        help="one run per value of a setting and method, e.g. --ablate kd_direction=none,local_to_global",
+        help="one run per value of a setting and method, e.g. --ablate kd_direction=none,local_to_global or "
+        "--ablate dp_epsilon=1,3,8,inf",
     )
     compare.add_argument(
         "--resume", action="store_true", help="keep the completed runs of an earlier comparison in --out, run the rest"

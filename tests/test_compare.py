@@ -127,3 +127,29 @@ def test_resume_keeps_a_run_only_if_it_was_made_with_the_same_training_settings(
     assert "[2/2] fedavg: completed in" in completed.stdout
     rerun = json.loads((resumed / "comparison.json").read_text())["methods"]["fedavg"]
     assert rerun["trainer"]["precision"] == "auto"
+
+
+def test_privacy_settings_become_dp_sgd_or_a_client_filter_at_the_target_epsilon(tmp_path):
+    from opacus.accountants import RDPAccountant
+
+    from pfedsam_nvflare.data.config import DataConfig
+    from pfedsam_nvflare.flare.compare import Comparison, Variant
+    from pfedsam_nvflare.training.dp import DPConfig
+
+    comparison = Comparison(out=tmp_path, variants=[], rounds=4)
+    record = comparison._recipe(Variant("pfedsam_nokd", {"dp_epsilon": 3}), DataConfig(), SITES)
+    assert record.trainer.dp == DPConfig(target_epsilon=3.0, delta=1e-5, rounds=4)
+    assert comparison._recipe(Variant("fedavg", {"dp_epsilon": "inf"}), DataConfig(), SITES).trainer.dp is None
+    client = comparison._recipe(Variant("fedavg", {"client_epsilon": 8}), DataConfig(), SITES)
+    assert client.trainer.dp is None
+    client.export(str(tmp_path / "jobs"))
+    config = json.loads((tmp_path / "jobs" / "fedavg_client_epsilon_8" / "app" / "config" / "config_fed_client.json").read_text())
+    (privacy,) = {f["path"]: f for chain in config["task_result_filters"] for f in chain["filters"]
+                  if f["path"].endswith("GaussianPrivacy")}.values()
+    accountant = RDPAccountant()
+    for _ in range(4):
+        accountant.step(noise_multiplier=privacy["args"]["noise_multiplier"], sample_rate=1.0)
+    assert 7.9 < accountant.get_epsilon(1e-5) <= privacy["args"]["max_epsilon"] == 8
+    with pytest.raises(ValueError, match="dp_epsilon must be a number above 0 or inf, got -1"):
+        comparison._recipe(Variant("fedavg", {"dp_epsilon": -1}), DataConfig(), SITES)
+

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pfedsam_nvflare.flare.jobs import DP_JOB, JOB_METHODS, export_jobs
+from pfedsam_nvflare.flare.jobs import DP_JOB, DPSGD_JOB, JOB_METHODS, export_jobs
 
 COMMITTED = Path(__file__).parent.parent / "jobs"
 
@@ -13,7 +13,7 @@ def _files(root: Path) -> dict[str, bytes]:
 
 def test_committed_job_folders_equal_the_recipe_export(tmp_path):
     export_jobs(tmp_path)
-    assert sorted(p.name for p in COMMITTED.iterdir()) == sorted([*JOB_METHODS, DP_JOB])
+    assert sorted(p.name for p in COMMITTED.iterdir()) == sorted([*JOB_METHODS, DP_JOB, DPSGD_JOB])
     exported, committed = _files(tmp_path), _files(COMMITTED)
     assert sorted(exported) == sorted(committed)
     for name in exported:

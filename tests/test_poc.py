@@ -11,7 +11,7 @@ from tiny_job import MODEL, ROUNDS, export_tiny_job
 
 from pfedsam_nvflare.cli import main
 from pfedsam_nvflare.flare.poc import DeploymentError, prepare_poc, read_privacy_policy
-from pfedsam_nvflare.flare.privacy import GaussianPrivacy
+from pfedsam_nvflare.flare.privacy import GaussianPrivacy, RequireDifferentialPrivacy
 from pfedsam_nvflare.flare.settings import model_config_for, reference
 from pfedsam_nvflare.flare.site_policy import PACKAGE_PREFIX
 
@@ -119,9 +119,11 @@ def test_a_bad_privacy_policy_is_refused_before_anything_is_prepared(tmp_path, p
 def test_the_hospital_policy_is_a_valid_privacy_policy():
     policy = read_privacy_policy(REPO / "poc" / "privacy.json")
     assert policy["default_scope"] == "pfedsam_dp"
-    (dp,) = policy["scopes"][0]["task_result_filters"]
-    GaussianPrivacy(**dp["args"])  # the arguments the site will build it with
-    assert dp["path"] == f"{GaussianPrivacy.__module__}.{GaussianPrivacy.__name__}"
+    for scope, policy_filter in zip(policy["scopes"], (GaussianPrivacy, RequireDifferentialPrivacy)):
+        (dp,) = scope["task_result_filters"]
+        policy_filter(**dp["args"])  # the arguments the site will build it with
+        assert dp["path"] == f"{policy_filter.__module__}.{policy_filter.__name__}"
+    assert [scope["name"] for scope in policy["scopes"]] == ["pfedsam_dp", "pfedsam_dpsgd"]
 
 
 def test_the_commands_name_what_is_wrong(tmp_path, capsys):

@@ -94,7 +94,7 @@ def test_once_the_budget_is_spent_nothing_leaves(tmp_path, shapes, caplog):
     assert blocked.get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR
     with pytest.raises(ValueError):
         from_shareable(blocked)  # no data at all
-    assert "privacy budget is spent: updates sent so far 3" in caplog.text and "max_epsilon=10" in caplog.text
+    assert "privacy budget is spent: steps counted so far 3" in caplog.text and "max_epsilon=10" in caplog.text
     assert json.loads(state.read_text())["history"] == [[1.0, 1.0, 3]]  # the refused one is not counted
     resumed = GaussianPrivacy(noise_multiplier=1.0, delta=1e-5, max_epsilon=10, accountant_file=str(state))
     assert _send(resumed, _update(shapes)).get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR
@@ -217,7 +217,7 @@ def test_privacy_status_shows_each_jobs_releases_and_what_is_left(tmp_path, shap
     for _ in range(3):
         accountant.step(noise_multiplier=1.0, sample_rate=1.0)
     spent = accountant.get_epsilon(1e-5)  # 9.01
-    assert f"spent ε={spent:.3f} at δ=1e-05 over 3 release(s); budget max_epsilon=10 (as of the last release): {10 - spent:.3f} left" in text
+    assert f"spent ε={spent:.3f} at δ=1e-05 over 3 accountant step(s); budget max_epsilon=10 (as of the last release): {10 - spent:.3f} left" in text
     rows = {line.split()[0]: line.split()[1] for line in text.splitlines() if line.startswith("job-")}
     assert rows == {"job-a": "2", "job-b": "1"}
     assert main(["privacy", "status", str(tmp_path / "elsewhere")]) == 2

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from opacus.accountants.utils import get_noise_multiplier
+
 from ..atomic import atomic_write_text
 from ..data.config import DataConfig, resolve_root
 from ..data.layout import DataError, Labels, list_sites
@@ -23,11 +25,17 @@ from ..model import ModelConfig
 from ..model.pfedsam import PATHS
 from ..reports import FINAL_MODEL, comparison_markdown, plot_comparison
 from ..training import TrainerConfig
-from .jobs import JOB_DATA, JOB_MODEL, job_recipe, job_trainer
+from ..training.dp import DPConfig
+from .jobs import JOB_DATA, JOB_MODEL, JOB_PRIVACY, job_recipe, job_trainer
 from .recipe import RECIPE_METHODS
 from .site_policy import allow_pfedsam_in
 
 METRICS_FILE = "pfedsam_metrics.json"
+# Settings of a run that are not ModelConfig or TrainerConfig fields: differential privacy at a target ε (at
+# δ=1e-5) spent over the comparison's rounds, record-level (DP-SGD) or client-level (GaussianPrivacy with the job's
+# clip norm); ``inf`` (or null) for none.
+PRIVACY_SETTINGS = ("dp_epsilon", "client_epsilon")
+DP_DELTA = 1e-5
 # Lines of a site's or the server's log worth showing while a job runs.
 PROGRESS_MARKERS = ("round ", "final evaluation", "kept model", "rejected the contribution", "cannot start", "ERROR")
 
@@ -159,10 +167,21 @@ class Comparison:
         return {label: run for label, run in earlier["methods"].items() if run.get("status") == "completed"}
 
     def _recipe(self, variant: Variant, data: DataConfig, sites: list[str]) -> Any:
-        model, trainer = apply_settings(self.model, job_trainer(variant.method), {**self.changes, **variant.changes})
+        changes = {**self.changes, **variant.changes}
+        epsilons = {name: target_epsilon(changes.pop(name), name) for name in PRIVACY_SETTINGS if name in changes}
+        model, trainer = apply_settings(self.model, job_trainer(variant.method), changes)
+        if epsilons.get("dp_epsilon") is not None:
+            dp = DPConfig(target_epsilon=epsilons["dp_epsilon"], delta=DP_DELTA, rounds=self.rounds)
+            preset = RECIPE_METHODS.get(variant.method, (None, None))[1]  # pfedsam_nokd's kd_direction, set first
+            trainer = replace(trainer, **({"kd_direction": preset} if preset else {}), dp=dp)
+        privacy = None
+        if epsilons.get("client_epsilon") is not None:
+            epsilon = epsilons["client_epsilon"]
+            noise = get_noise_multiplier(target_epsilon=epsilon, target_delta=DP_DELTA, sample_rate=1.0, steps=self.rounds)
+            privacy = {**JOB_PRIVACY, "noise_multiplier": noise, "delta": DP_DELTA, "max_epsilon": epsilon}
         return job_recipe(
             variant.method, num_rounds=self.rounds, model=model, trainer=trainer, data=data,
-            min_clients=len(sites), name=variant.job_name,
+            min_clients=len(sites), name=variant.job_name, privacy=privacy,
         )
 
     def _trainer_settings(self, variant: Variant, data: DataConfig, sites: list[str]) -> dict[str, Any] | None:
@@ -228,6 +247,15 @@ def _simulate(job: Path, workspace: Path, sites: list[str], log: Path) -> int:
             if any(marker in line for marker in PROGRESS_MARKERS):
                 print("    " + line.rstrip()[:200], flush=True)
     return process.returncode
+
+
+def target_epsilon(value: Any, name: str) -> float | None:
+    """A privacy setting's ε: a finite number above 0, or None for ``inf``/null (no privacy)."""
+    if value is None or value in ("inf", float("inf")):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be a number above 0 or inf, got {value!r}")
+    return float(value)
 
 
 def summarise_run(metrics: dict[str, Any], sites: list[str]) -> dict[str, Any]:

@@ -11,10 +11,11 @@ from typing import Any
 from nvflare.recipe.sim_env import SimEnv
 
 from ..reports import results_table
-from .jobs import job_recipe
+from .jobs import JOB_PRIVACY, dpsgd_recipe, job_recipe
 from .site_policy import allow_pfedsam_in
 
 SITES = ("site-1", "site-2", "site-3")
+DEMO_DP = (None, "client", "sgd")
 
 
 def summary(metrics: dict[str, Any], job_dir: Path) -> str:
@@ -30,15 +31,21 @@ def summary(metrics: dict[str, Any], job_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def run_demo(workspace: str | Path, method: str = "pfedsam", num_rounds: int = 3, privacy: dict | None = None) -> tuple[dict, str]:
+def run_demo(workspace: str | Path, method: str = "pfedsam", num_rounds: int = 3, dp: str | None = None) -> tuple[dict, str]:
     """Run the job in the simulator under ``workspace/<job name>``; returns the metrics and the summary. With
-    ``privacy`` every site applies ``GaussianPrivacy`` with those arguments.
+    ``dp="client"`` every site clips and noises its updates (``GaussianPrivacy``, the ``pfedsam_dp`` job), with
+    ``dp="sgd"`` every site trains the global phase under DP-SGD (the ``pfedsam_dpsgd`` job).
 
     The sites run side by side, one process each (fewer simulator threads than sites would make the simulator
     restart each site's app on every turn); each site takes its share of the cores.
     """
     workspace = Path(workspace).resolve()
-    recipe = job_recipe(method, num_rounds=num_rounds, privacy=privacy)
+    if dp not in DEMO_DP:
+        raise ValueError(f"dp must be one of {', '.join(map(str, DEMO_DP))}, got {dp!r}")
+    if dp == "sgd":
+        recipe = dpsgd_recipe(method, num_rounds=num_rounds)
+    else:
+        recipe = job_recipe(method, num_rounds=num_rounds, privacy=JOB_PRIVACY if dp == "client" else None)
     job_dir = workspace / recipe.name
     allow_pfedsam_in(job_dir / "local")  # this simulated federation's sites accept pfedsam_nvflare components
     print(f"pFedSAM demo: job {recipe.name}, {num_rounds} rounds, {len(SITES)} simulated sites, workspace {job_dir}")

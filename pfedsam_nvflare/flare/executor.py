@@ -32,7 +32,7 @@ from ..model.partition import GLOBAL
 from ..reports import plot_overlays
 from ..training import LocalTrainer, NonFiniteTraining, TrainerConfig, TrainingAborted
 from ..training.samples import boxes_from_masks
-from .settings import METRICS_META_KEY, MODEL_META_KEY, job_model, settings_mismatch
+from .settings import METRICS_META_KEY, MODEL_META_KEY, PRIVACY_META_KEY, job_model, settings_mismatch
 from .site_storage import configured_state_dir
 from .threads import set_thread_budget
 
@@ -258,6 +258,9 @@ class PFedSAMExecutor(Executor):
         meta: dict[str, Any] = {MetaKey.NUM_STEPS_CURRENT_ROUND: result.num_samples}
         if math.isfinite(before["global_dice"]):
             meta[MetaKey.INITIAL_METRICS] = {"global_dice": before["global_dice"]}
+        if result.privacy is not None:  # DP-SGD: the site's policy (RequireDifferentialPrivacy) reads and counts it
+            meta[PRIVACY_META_KEY] = result.privacy
+            metrics["dp_epsilon"] = result.privacy["epsilon"]
         dxo = self._global_dxo(result.global_diff, DataKind.WEIGHT_DIFF, meta, fl_ctx)
         metrics["bytes_sent"] = _nbytes(dxo.data)
         metrics["task_seconds"] = time.perf_counter() - began  # the site's own work in the round, FLARE's not

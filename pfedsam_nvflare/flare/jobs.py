@@ -10,11 +10,13 @@ from pathlib import Path
 from ..data.config import DataConfig, SyntheticConfig
 from ..model import ModelConfig
 from ..training import TrainerConfig
+from ..training.dp import DPConfig
 from .privacy import GaussianPrivacy
 from .recipe import PFedSAMRecipe
 
 JOB_METHODS = ("pfedsam", "fedavg", "local", "fedsam", "ditto")
 DP_JOB = "pfedsam_dp"
+DPSGD_JOB = "pfedsam_dpsgd"
 JOB_MODEL = ModelConfig(backbone="lite_medsam", adapted_blocks=2, decoder="lora")
 JOB_TRAINER = TrainerConfig(lr_global=3e-3, lr_local=3e-3, batch_size=2)
 FULL_FINETUNE_LR = 1e-4  # fedsam trains every SAM weight: an adapter's learning rate would wreck it
@@ -22,6 +24,17 @@ JOB_DATA = DataConfig(synthetic=SyntheticConfig(sites=3, cases=6, size=128, dept
 JOB_ROUNDS = 3
 # Client-level DP for the pfedsam_dp job: ε at δ=1e-5 is 9.01 after its three rounds, under the budget of 10.
 JOB_PRIVACY = {"clip_norm": 0.01, "noise_multiplier": 1.0, "delta": 1e-5, "max_epsilon": 10.0}
+# Record-level DP for the pfedsam_dpsgd job: DP-SGD in the global phase, the noise set so that its three rounds
+# spend ε=8 at δ=1e-5; the experts learn from the received global model (global_to_local), never the reverse.
+JOB_DPSGD = DPConfig(target_epsilon=8.0, delta=1e-5, max_grad_norm=1.0, rounds=JOB_ROUNDS)
+
+
+def dpsgd_recipe(method: str = "pfedsam", num_rounds: int = JOB_ROUNDS, **settings) -> PFedSAMRecipe:
+    """The job of ``method`` with DP-SGD in the global phase (``<method>_dpsgd``), its budget covering
+    ``num_rounds``."""
+    dp = replace(JOB_DPSGD, rounds=num_rounds)
+    trainer = replace(job_trainer(method), kd_direction="global_to_local", dp=dp)
+    return job_recipe(method, num_rounds=num_rounds, trainer=trainer, name=f"{method}_dpsgd", **settings)
 
 
 def job_trainer(method: str) -> TrainerConfig:
@@ -54,10 +67,11 @@ def job_recipe(
 
 
 def export_jobs(out: str | Path) -> list[Path]:
-    """Write ``out/<method>`` for every job method and ``out/pfedsam_dp``; the repository's ``jobs/`` is exactly
-    this."""
+    """Write ``out/<method>`` for every job method, ``out/pfedsam_dp`` and ``out/pfedsam_dpsgd``; the repository's
+    ``jobs/`` is exactly this."""
     out = Path(out)
-    recipes = [job_recipe(method) for method in JOB_METHODS] + [job_recipe("pfedsam", privacy=JOB_PRIVACY)]
+    recipes = [job_recipe(method) for method in JOB_METHODS]
+    recipes += [job_recipe("pfedsam", privacy=JOB_PRIVACY), dpsgd_recipe()]
     for recipe in recipes:
         recipe.export(str(out))
-    return [out / name for name in (*JOB_METHODS, DP_JOB)]
+    return [out / name for name in (*JOB_METHODS, DP_JOB, DPSGD_JOB)]

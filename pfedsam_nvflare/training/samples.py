@@ -112,15 +112,19 @@ class SampleStore:
     def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Batch]:
         """Batches in a shuffled order drawn from ``generator``, or in dataset order without one."""
         order = torch.randperm(len(self), generator=generator) if generator is not None else torch.arange(len(self))
-        device = self.model.pixel_mean.device
         for start in range(0, len(order), batch_size):
-            entries = [self.cache.load(self.keys[i]) for i in order[start : start + batch_size].tolist()]
-            inputs = torch.stack([inputs for inputs, _ in entries]).to(device)
-            masks = torch.stack([mask for _, mask in entries]).to(device)
-            boxes = boxes_from_masks(masks).to(device) if self.model.config.prompt == "box" else None
-            yield Batch(
-                images=None if self.cache_prefix else inputs,
-                prefix=inputs if self.cache_prefix else None,
-                masks=masks,
-                boxes=boxes,
-            )
+            yield self.batch(order[start : start + batch_size].tolist())
+
+    def batch(self, indices: list[int]) -> Batch:
+        """The samples at ``indices``, ready for the model."""
+        device = self.model.pixel_mean.device
+        entries = [self.cache.load(self.keys[i]) for i in indices]
+        inputs = torch.stack([inputs for inputs, _ in entries]).to(device)
+        masks = torch.stack([mask for _, mask in entries]).to(device)
+        boxes = boxes_from_masks(masks).to(device) if self.model.config.prompt == "box" else None
+        return Batch(
+            images=None if self.cache_prefix else inputs,
+            prefix=inputs if self.cache_prefix else None,
+            masks=masks,
+            boxes=boxes,
+        )

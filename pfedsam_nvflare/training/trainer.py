@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -22,6 +24,7 @@ import torch
 from ..model import ModelConfig, Partition, PFedSAM, build_pfedsam
 from ..model.partition import GLOBAL, LOCAL, is_finite
 from ..model.pfedsam import PATHS
+from .dp import DPConfig, PrivateSGD, checked_releases, per_sample_gradients
 from .compute import autocast, check_device, check_precision, place, resolve_device, resolve_precision
 from .losses import SegmentationLoss, distillation_loss
 from .methods import PERSONAL, get_method
@@ -56,7 +59,8 @@ class TrainerConfig:
     ``phase_order``: ``local_first`` (the local phase, then the global phase) or ``global_first``.
     ``ditto_lambda``: the weight of Ditto's proximal term λ/2·‖w − w_global‖². ``cache_features`` keeps the frozen
     encoder prefix of every sample on disk (else the images), in ``cache_dtype``. ``precision``: the autocast dtype
-    (``auto``: bfloat16 where the device computes it natively, float32 elsewhere; see ``compute``)."""
+    (``auto``: bfloat16 where the device computes it natively, float32 elsewhere; see ``compute``). ``dp``: record-
+    level DP-SGD of the global phase (``DPConfig`` or its dict; see ``dp``)."""
 
     method: str = "pfedsam"
     kd_direction: str = "local_to_global"
@@ -77,9 +81,22 @@ class TrainerConfig:
     device: str = "auto"
     precision: str = "auto"
     log_every: int = 10
+    dp: DPConfig | None = None
 
     def __post_init__(self) -> None:
         get_method(self.method)
+        if isinstance(self.dp, Mapping):
+            unknown = set(self.dp) - {f.name for f in fields(DPConfig)}
+            if unknown:
+                raise ValueError(f"unknown DP-SGD settings: {', '.join(sorted(unknown))}")
+            object.__setattr__(self, "dp", DPConfig(**self.dp))
+        if self.dp is not None and self.method == "pfedsam" and self.kd_direction == "local_to_global":
+            raise ValueError(
+                "DP-SGD cannot distil the personalized model into the global phase (kd_direction='local_to_global'): "
+                "the teacher is trained without DP on every record of the site, so its outputs would carry all of "
+                "them into each sample's loss and void the per-sample bound; use kd_direction 'none' or "
+                "'global_to_local' (method pfedsam_nokd in a job)"
+            )
         if self.kd_direction not in KD_DIRECTIONS:
             raise ValueError(f"kd_direction must be one of {KD_DIRECTIONS}, got {self.kd_direction!r}")
         if self.phase_order not in PHASE_ORDERS:
@@ -112,6 +129,7 @@ class RoundResult:
     global_diff: dict[str, torch.Tensor]  # after − received, global-partition keys only
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    privacy: dict[str, Any] | None = None  # under DP-SGD: this round's steps, their noise and the ε spent
 
 
 @dataclass
@@ -177,6 +195,16 @@ class LocalTrainer:
         self.rounds_done = 0
         self.keeps_own_global = False  # true once a non-aggregating site has its own global partition
         self.personal: dict[str, torch.Tensor] | None = None  # Ditto's personal copy, made from the first received model
+        self.private = None
+        if config.dp is not None:
+            epochs = self.method.global_epochs(config.local_epochs, config.global_epochs)
+            self.private = PrivateSGD(config.dp, len(self.train_samples), config.batch_size, epochs)
+            logger.info(
+                "%s: DP-SGD in the global phase: noise multiplier %.4g, sample rate %.4g, %d steps a round, clip %g",
+                site_name, self.private.noise_multiplier, self.private.sample_rate, self.private.steps_per_round,
+                config.dp.max_grad_norm,
+            )
+        self.dp_history: list = []  # every DP-SGD step this site's state has taken, over jobs (Opacus's history)
         self._resume()
 
     def autocast(self) -> Any:
@@ -205,6 +233,8 @@ class LocalTrainer:
             state["global"] = self.global_state()
         if self.personal is not None:
             state[PERSONAL] = self.personal
+        if self.dp_history:
+            state["dp_history"] = [list(entry) for entry in self.dp_history]
         save_site_state(self.site_dir, state)
 
     def _resume(self) -> None:
@@ -228,6 +258,7 @@ class LocalTrainer:
                 raise ValueError(f"rounds_done is {rounds_done!r}, not a number of rounds")
             for role, optimizer in self.optimizers.items():
                 self._check_optimizer_state(state["optimizers"][role], optimizer, role)
+            dp_history = checked_releases(state.get("dp_history", []), "the DP-SGD steps ('dp_history')")
         except KeyError as error:
             raise SiteStateError(f"site state {path} is incomplete: it has no {error.args[0]!r}") from error
         except (TypeError, ValueError) as error:
@@ -240,6 +271,7 @@ class LocalTrainer:
             self.personal = _float_state(state[PERSONAL])
         for role, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state["optimizers"][role])
+        self.dp_history = dp_history
         self.rounds_done = state["rounds_done"]
         logger.info("%s: resumed after round %d from %s", self.site_name, self.rounds_done, path)
 
@@ -267,6 +299,7 @@ class LocalTrainer:
             self.local_state(),
             copy.deepcopy({name: o.state_dict() for name, o in self.optimizers.items()}),
             None if self.personal is None else dict(self.personal),
+            list(self.dp_history),
         )
 
     def _check_finite(self, stage: str) -> None:
@@ -281,7 +314,7 @@ class LocalTrainer:
                 )
 
     def _restore(self, snapshot: tuple) -> None:
-        global_state, local_state, optimizers, personal = snapshot
+        global_state, local_state, optimizers, personal, self.dp_history = snapshot
         self.partition.load_global(self.model, global_state)
         self.partition.load_local(self.model, local_state)
         for name, state in optimizers.items():
@@ -318,6 +351,7 @@ class LocalTrainer:
             self._restore(snapshot)
             raise
         after = self.global_state()
+        privacy = metrics.pop("privacy", None)
         self.rounds_done = round_index
         self.keeps_own_global = not self.method.aggregate
         self._save()
@@ -327,6 +361,7 @@ class LocalTrainer:
             global_diff={key: after[key] - start[key] for key in after},
             num_samples=len(self.train_samples),
             metrics=metrics,
+            privacy=privacy,
         )
 
     def _local_phase(
@@ -357,9 +392,68 @@ class LocalTrainer:
         epochs = self.method.global_epochs(self.config.local_epochs, self.config.global_epochs)
         if not epochs:
             return {}
+        if self.private is not None:
+            return self._private_global_phase(round_index, should_abort)
         distil = self.model.has_experts and self.config.kd_direction == "local_to_global"
         teacher = self._teacher(True, self.global_state()) if distil else None
         return {"global_loss": self._phase(GLOBAL, round_index, teacher, should_abort, epochs=epochs)}
+
+    def _private_global_phase(self, round_index: int, should_abort: Callable[[], bool]) -> dict[str, Any]:
+        """The global phase under DP-SGD: no teacher (refused by the config), Poisson batches, each sample's
+        gradient clipped and the sum noised by Opacus, every step counted. The sampling and the noise draw from
+        the operating system's entropy: a seed anyone could know would void the bound."""
+        private, stage = self.private, f"round {round_index}"
+        self.model.requires_grad_(False)
+        trained = dict(zip(self.partition.keys(GLOBAL), self.partition.parameters(self.model, GLOBAL)))
+        for parameter in trained.values():
+            parameter.requires_grad_(True)
+        private.history = self.dp_history
+        sampler = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+        optimizer = private.optimizer(
+            self.optimizers[GLOBAL], torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+        )
+        batches = private.poisson_batches(len(self.train_samples), sampler)
+        losses: list[float] = []
+        self.model.train()
+        try:
+            for step, indices in enumerate(batches, start=1):
+                if should_abort():
+                    raise TrainingAborted(f"{self.site_name}: {stage} aborted in the global phase")
+                optimizer.zero_grad(set_to_none=True)
+                if indices:
+                    batch = self.train_samples.batch(indices)
+                    # in float32: autocast inside torch.func's transforms mixes dtypes in the backward pass
+                    tensors = {k: v.float() for k, v in {**batch.model_inputs(), "masks": batch.masks}.items() if v is not None}
+                    with self.model.global_only():
+                        grads, sample_losses = per_sample_gradients(self.model, trained, self._sample_loss, tensors)
+                    loss = float(sample_losses.mean())
+                    if not math.isfinite(loss):
+                        raise NonFiniteTraining(
+                            f"{self.site_name}: {stage} global phase (DP-SGD): the loss is {loss} at step {step}; "
+                            "the round was rolled back and nothing of it was saved"
+                        )
+                    losses.append(loss)
+                else:  # an empty Poisson batch is still a step: noise only
+                    grads = {name: torch.zeros((0, *p.shape), device=p.device) for name, p in trained.items()}
+                for name, parameter in trained.items():
+                    parameter.grad_sample = grads[name].to(parameter.dtype)
+                optimizer.step()
+                if step % self.config.log_every == 0 or step == len(batches):
+                    logger.info(
+                        "%s %s global phase (DP-SGD): step %d/%d, %d samples, loss %.4f, ε %.3f",
+                        self.site_name, stage, step, len(batches), len(indices), losses[-1] if losses else float("nan"),
+                        private.epsilon(),
+                    )
+        finally:
+            optimizer.zero_grad(set_to_none=True)  # no per-sample gradient outlives the phase
+            self.model.eval()
+        self.dp_history = private.history
+        report = private.report(len(batches))
+        return {"global_loss": sum(losses) / len(losses) if losses else float("nan"), "privacy": report}
+
+    def _sample_loss(self, forward: Callable[..., torch.Tensor], sample: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {key: sample[key] for key in ("images", "boxes", "prefix") if key in sample}
+        return self.segmentation_loss(forward(**inputs).float(), sample["masks"])
 
     def _teacher(self, personalized: bool, weights: Mapping[str, torch.Tensor]) -> Callable[[Batch], torch.Tensor]:
         """A phase's frozen teacher: the ``personalized`` or global-only path with the global partition ``weights``
