@@ -8,7 +8,7 @@ from sites import make_site
 
 from pfedsam_nvflare.model import ModelConfig, Partition, build_pfedsam
 from pfedsam_nvflare.training import LocalTrainer, SiteStateError, TrainerConfig
-from pfedsam_nvflare.training.dp import DPConfig, per_sample_gradients
+from pfedsam_nvflare.training.dp import DPConfig, PrivateSGD, per_sample_gradients
 from pfedsam_nvflare.training.losses import SegmentationLoss
 from pfedsam_nvflare.training.site_state import STATE_FILE
 
@@ -36,6 +36,30 @@ def test_the_reported_epsilon_is_opacus_rdp_accountant_of_the_steps_taken(tmp_pa
     private_diff, plain_diff = results[0].global_diff, plain.run_round(start).global_diff
     assert any(not torch.allclose(private_diff[key], plain_diff[key]) for key in private_diff)
     assert all(torch.isfinite(value).all() for value in private_diff.values())
+
+
+def test_opacus_clips_each_sample_sums_and_divides_by_the_expected_batch():
+    """The wiring of DPOptimizer: per-sample gradients of norm 5 and 50 clipped to 1, summed, divided by the
+    expected batch size (sample rate x samples), the noise negligible here; an empty batch is a step too."""
+    private = PrivateSGD(DPConfig(noise_multiplier=1e-9, max_grad_norm=1.0), num_samples=10, batch_size=2, epochs_per_round=1)
+    weight = torch.nn.Parameter(torch.zeros(2))
+    optimizer = private.optimizer(torch.optim.SGD([weight], lr=1.0))
+    weight.grad_sample = torch.tensor([[3.0, 4.0], [30.0, 40.0]])
+    optimizer.step()
+    torch.testing.assert_close(weight.detach(), -torch.tensor([1.2, 1.6]) / 2)
+    optimizer.zero_grad(set_to_none=True)
+    weight.grad_sample = torch.zeros((0, 2))
+    optimizer.step()  # noise only
+    assert torch.isfinite(weight).all() and private.history == [(1e-9, 0.2, 2)]
+
+
+def test_each_private_round_starts_the_optimiser_afresh(tmp_path):
+    """An update depends on the received global partition and its own round's steps only."""
+    trainer = LocalTrainer(TINY, _private(), make_site(8, seed=3), None, tmp_path)
+    for _ in range(2):
+        trainer.run_round(trainer.global_state())
+    steps = {int(state["step"]) for state in trainer.optimizers["global"].state.values()}
+    assert steps == {2}  # this round's 2 steps, not 4
 
 
 def test_a_target_epsilon_sets_the_noise_so_the_budget_covers_every_round(tmp_path):
@@ -76,6 +100,8 @@ def test_dp_sgd_refuses_to_distil_the_personalized_model_into_the_global_phase()
         TrainerConfig(dp={"noise_multiplier": 1.0})  # pfedsam's default kd_direction is local_to_global
     assert TrainerConfig(dp={"noise_multiplier": 1.0}, kd_direction="global_to_local").dp.noise_multiplier == 1.0
     assert TrainerConfig(method="fedavg", dp={"noise_multiplier": 1.0}).dp is not None  # no experts, no teacher
+    with pytest.raises(ValueError, match="kd_direction='local_to_global'"):
+        TrainerConfig(method="local", dp={"noise_multiplier": 1.0})
 
 
 @pytest.mark.parametrize(

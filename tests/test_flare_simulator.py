@@ -144,7 +144,7 @@ def test_once_the_dp_budget_is_spent_the_sites_keep_their_updates_and_the_job_en
         assert state["history"] == [[1.0, 1.0, 1]]  # no site released a second update
         logs.append((workspace / site / "log.txt").read_text())
     # the first refusal ends the job (3 sites, min_clients 3), so a slower site may be stopped before its filter
-    assert any("the privacy budget is spent: updates sent so far 1, ε=4.729" in log and "max_epsilon=5" in log for log in logs)
+    assert any("the privacy budget is spent: steps counted so far 1, ε=4.729" in log and "max_epsilon=5" in log for log in logs)
     assert "Aborting current RUN" in (workspace / "server" / "log.txt").read_text()
 
 

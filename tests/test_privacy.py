@@ -16,7 +16,7 @@ from opacus.accountants import RDPAccountant
 from sites import make_site
 
 from pfedsam_nvflare.cli import main
-from pfedsam_nvflare.flare.privacy import ACCOUNTANT_FILE, GaussianPrivacy, l2_norm
+from pfedsam_nvflare.flare.privacy import ACCOUNTANT_FILE, GaussianPrivacy, RequireDifferentialPrivacy, l2_norm, read_accountant
 from pfedsam_nvflare.flare.settings import METRICS_META_KEY, PRIVACY_META_KEY, model_config_for, reference
 from pfedsam_nvflare.model import ModelConfig
 from pfedsam_nvflare.training import LocalTrainer, TrainerConfig
@@ -242,3 +242,38 @@ def test_flares_heuristic_filters_process_our_update(trained_update, heuristic):
     for key, value in trained_update.items():
         assert result.data[key].shape == value.shape and np.isfinite(result.data[key]).all()
     assert any(not np.array_equal(result.data[key], value) for key, value in trained_update.items())
+
+
+def _dpsgd_update(shapes, steps=4, **report):
+    meta = {PRIVACY_META_KEY: {"mechanism": "dp-sgd", "noise_multiplier": 1.0, "sample_rate": 0.25, "steps": steps,
+                               "max_grad_norm": 1.0, "delta": 1e-5, "epsilon": 1.0, **report}}
+    return DXO(DataKind.WEIGHT_DIFF, _update(shapes), meta=meta).to_shareable()
+
+
+def test_a_site_requiring_dp_counts_each_dp_sgd_update_in_its_budget_and_refuses_the_rest(tmp_path, shapes, caplog):
+    state = tmp_path / "site.json"
+    policy = RequireDifferentialPrivacy(max_epsilon=7.0, accountant_file=str(state))  # ε 4.87, 6.25, then 7.33
+    sent = [policy.process(_dpsgd_update(shapes), FLContext()) for _ in range(3)]
+    independent = RDPAccountant()
+    for _ in range(4):
+        independent.step(noise_multiplier=1.0, sample_rate=0.25)
+    first = from_shareable(sent[0]).get_meta_prop(PRIVACY_META_KEY)
+    assert first["epsilon"] == pytest.approx(independent.get_epsilon(1e-5)) and first["epsilon_training"] == 1.0
+    accepted = [reply for reply in sent if reply.get_return_code() == ReturnCode.OK]
+    assert len(accepted) == 2 and sent[-1].get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR
+    assert "the privacy budget is spent" in caplog.text
+    assert read_accountant(state)["history"] == [(1.0, 0.25, 4 * len(accepted))]  # the refused one is not counted
+    plain = policy.process(DXO(DataKind.WEIGHT_DIFF, _update(shapes)).to_shareable(), FLContext())
+    assert plain.get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR
+    assert "the update was not trained under DP-SGD" in caplog.text
+    tampered = policy.process(_dpsgd_update(shapes, steps=-3), FLContext())
+    assert tampered.get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR
+    assert "its DP-SGD report: release 0 has steps -3" in caplog.text
+    metrics = policy.process(DXO(DataKind.METRICS, {"global_dice": 0.5}).to_shareable(), FLContext())
+    assert metrics.get_return_code() == ReturnCode.OK
+
+
+def test_client_level_noise_is_not_stacked_on_a_dp_sgd_update(tmp_path, shapes, caplog):
+    privacy = GaussianPrivacy(accountant_file=str(tmp_path / "a.json"))
+    assert privacy.process(_dpsgd_update(shapes), FLContext()).get_return_code() == ReturnCode.TASK_RESULT_FILTER_ERROR
+    assert "was trained under DP-SGD" in caplog.text and not (tmp_path / "a.json").exists()

@@ -260,6 +260,11 @@ class PFedSAMExecutor(Executor):
             meta[MetaKey.INITIAL_METRICS] = {"global_dice": before["global_dice"]}
         if result.privacy is not None:  # DP-SGD: the site's policy (RequireDifferentialPrivacy) reads and counts it
             meta[PRIVACY_META_KEY] = result.privacy
+            # what depends on the training records outside DP-SGD stays at the site (the site log has it)
+            metrics = {
+                key: value for key, value in metrics.items()
+                if key not in ("local_loss", "global_loss") and not key.startswith("personalized_")
+            }
             metrics["dp_epsilon"] = result.privacy["epsilon"]
         dxo = self._global_dxo(result.global_diff, DataKind.WEIGHT_DIFF, meta, fl_ctx)
         metrics["bytes_sent"] = _nbytes(dxo.data)

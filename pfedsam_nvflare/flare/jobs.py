@@ -7,6 +7,9 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from nvflare.apis.job_def import JobMetaKey
+from nvflare.recipe.utils import set_recipe_meta
+
 from ..data.config import DataConfig, SyntheticConfig
 from ..model import ModelConfig
 from ..training import TrainerConfig
@@ -17,6 +20,7 @@ from .recipe import PFedSAMRecipe
 JOB_METHODS = ("pfedsam", "fedavg", "local", "fedsam", "ditto")
 DP_JOB = "pfedsam_dp"
 DPSGD_JOB = "pfedsam_dpsgd"
+DPSGD_SCOPE = "pfedsam_dpsgd"  # the privacy scope of poc/privacy.json that requires DP-SGD
 JOB_MODEL = ModelConfig(backbone="lite_medsam", adapted_blocks=2, decoder="lora")
 JOB_TRAINER = TrainerConfig(lr_global=3e-3, lr_local=3e-3, batch_size=2)
 FULL_FINETUNE_LR = 1e-4  # fedsam trains every SAM weight: an adapter's learning rate would wreck it
@@ -34,7 +38,11 @@ def dpsgd_recipe(method: str = "pfedsam", num_rounds: int = JOB_ROUNDS, **settin
     ``num_rounds``."""
     dp = replace(JOB_DPSGD, rounds=num_rounds)
     trainer = replace(job_trainer(method), kd_direction="global_to_local", dp=dp)
-    return job_recipe(method, num_rounds=num_rounds, trainer=trainer, name=f"{method}_dpsgd", **settings)
+    recipe = job_recipe(method, num_rounds=num_rounds, trainer=trainer, name=f"{method}_dpsgd", **settings)
+    # a site whose privacy.json defines this scope (poc/privacy.json does) applies its policy to the job; a site
+    # with a policy without it refuses the job
+    set_recipe_meta(recipe, JobMetaKey.SCOPE, DPSGD_SCOPE)
+    return recipe
 
 
 def job_trainer(method: str) -> TrainerConfig:

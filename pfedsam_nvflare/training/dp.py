@@ -94,8 +94,10 @@ class PrivateSGD:
     def __init__(self, config: DPConfig, num_samples: int, batch_size: int, epochs_per_round: int) -> None:
         self.config = config
         self.sample_rate = min(1.0, batch_size / num_samples)
-        self.expected_batch_size = batch_size
+        self.expected_batch_size = max(1, round(self.sample_rate * num_samples))  # Opacus divides the noised sum by it
         self.steps_per_round = epochs_per_round * math.ceil(num_samples / batch_size)
+        if self.steps_per_round == 0:
+            raise ValueError("DP-SGD needs a global phase (global epochs ≥ 1)")
         if config.noise_multiplier is not None:
             self.noise_multiplier = float(config.noise_multiplier)
         else:

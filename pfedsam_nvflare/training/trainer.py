@@ -90,7 +90,7 @@ class TrainerConfig:
             if unknown:
                 raise ValueError(f"unknown DP-SGD settings: {', '.join(sorted(unknown))}")
             object.__setattr__(self, "dp", DPConfig(**self.dp))
-        if self.dp is not None and self.method == "pfedsam" and self.kd_direction == "local_to_global":
+        if self.dp is not None and get_method(self.method).experts and self.kd_direction == "local_to_global":
             raise ValueError(
                 "DP-SGD cannot distil the personalized model into the global phase (kd_direction='local_to_global'): "
                 "the teacher is trained without DP on every record of the site, so its outputs would carry all of "
@@ -401,17 +401,19 @@ class LocalTrainer:
     def _private_global_phase(self, round_index: int, should_abort: Callable[[], bool]) -> dict[str, Any]:
         """The global phase under DP-SGD: no teacher (refused by the config), Poisson batches, each sample's
         gradient clipped and the sum noised by Opacus, every step counted. The sampling and the noise draw from
-        the operating system's entropy: a seed anyone could know would void the bound."""
+        the operating system's entropy: a seed anyone could know would void the bound. The optimiser's moments
+        start afresh every round, so that an update depends on the received (public) global partition and this
+        round's steps only: steps of a round whose update was refused or rolled back never reach a later one."""
         private, stage = self.private, f"round {round_index}"
+        self.optimizers[GLOBAL].state.clear()
         self.model.requires_grad_(False)
         trained = dict(zip(self.partition.keys(GLOBAL), self.partition.parameters(self.model, GLOBAL)))
         for parameter in trained.values():
             parameter.requires_grad_(True)
         private.history = self.dp_history
         sampler = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
-        optimizer = private.optimizer(
-            self.optimizers[GLOBAL], torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
-        )
+        noise = torch.Generator(device=self.device).manual_seed(int.from_bytes(os.urandom(8), "little"))
+        optimizer = private.optimizer(self.optimizers[GLOBAL], noise)
         batches = private.poisson_batches(len(self.train_samples), sampler)
         losses: list[float] = []
         self.model.train()
