@@ -140,6 +140,7 @@ def test_privacy_settings_become_dp_sgd_or_a_client_filter_at_the_target_epsilon
     record = comparison._recipe(Variant("pfedsam_nokd", {"dp_epsilon": 3}), DataConfig(), SITES)
     assert record.trainer.dp == DPConfig(target_epsilon=3.0, delta=1e-5, rounds=4)
     assert comparison._recipe(Variant("fedavg", {"dp_epsilon": "inf"}), DataConfig(), SITES).trainer.dp is None
+    assert comparison._recipe(Variant("fedavg", {"dp_epsilon": 8}), DataConfig(), SITES).trainer.dp.target_epsilon == 8
     client = comparison._recipe(Variant("fedavg", {"client_epsilon": 8}), DataConfig(), SITES)
     assert client.trainer.dp is None
     client.export(str(tmp_path / "jobs"))

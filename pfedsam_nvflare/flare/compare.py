@@ -172,8 +172,9 @@ class Comparison:
         model, trainer = apply_settings(self.model, job_trainer(variant.method), changes)
         if epsilons.get("dp_epsilon") is not None:
             dp = DPConfig(target_epsilon=epsilons["dp_epsilon"], delta=DP_DELTA, rounds=self.rounds)
-            preset = RECIPE_METHODS.get(variant.method, (None, None))[1]  # pfedsam_nokd's kd_direction, set first
-            trainer = replace(trainer, **({"kd_direction": preset} if preset else {}), dp=dp)
+            # the method's own trainer settings first (the recipe sets them too), so that DP-SGD is checked against them
+            method, preset = RECIPE_METHODS.get(variant.method, (trainer.method, None))
+            trainer = replace(trainer, method=method, **({"kd_direction": preset} if preset else {}), dp=dp)
         privacy = None
         if epsilons.get("client_epsilon") is not None:
             epsilon = epsilons["client_epsilon"]
