@@ -24,8 +24,8 @@ import torch
 from ..model import ModelConfig, Partition, PFedSAM, build_pfedsam
 from ..model.partition import GLOBAL, LOCAL, is_finite
 from ..model.pfedsam import PATHS
-from .dp import DPConfig, PrivateSGD, checked_releases, per_sample_gradients
 from .compute import autocast, check_device, check_precision, place, resolve_device, resolve_precision
+from .dp import DPConfig, PrivateSGD, checked_releases, per_sample_gradients
 from .losses import SegmentationLoss, distillation_loss
 from .methods import PERSONAL, get_method
 from .metrics import SegmentationScores
