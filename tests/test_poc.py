@@ -1,8 +1,12 @@
-"""A FLARE POC deployment on this machine, every connection mutual TLS over loopback: ``poc/run_poc.sh`` runs the
-tiny pFedSAM job on three sites; site-3's ``privacy.json`` (the hospital policy in ``poc/``) forces
-``GaussianPrivacy`` on everything it sends."""
+"""A FLARE POC deployment on this machine, every connection mutual TLS over loopback: ``poc/run_poc.sh`` runs three
+tiny pFedSAM jobs in turn on three sites, where site-3's ``privacy.json`` is the hospital policy in ``poc/``:
+a DP-SGD job asking for its record-level scope (``pfedsam_dpsgd``: ``RequireDifferentialPrivacy``), a job
+without DP-SGD asking for the same scope (site-3 keeps its updates; ``min_clients=2`` lets the others go on), and
+the plain job in the default scope (site-3 forces ``GaussianPrivacy`` on everything it sends). Both policies
+spend one budget, site-3's."""
 
 import json
+import re
 
 import pytest
 from deployment import REPO, left_running, run_logged, service_env
@@ -11,40 +15,54 @@ from tiny_job import MODEL, ROUNDS, export_tiny_job
 
 from pfedsam_nvflare.cli import main
 from pfedsam_nvflare.flare.poc import DeploymentError, prepare_poc, read_privacy_policy
-from pfedsam_nvflare.flare.privacy import GaussianPrivacy, RequireDifferentialPrivacy
+from pfedsam_nvflare.flare.privacy import ACCOUNTANT_FILE, GaussianPrivacy, RequireDifferentialPrivacy, read_accountant
 from pfedsam_nvflare.flare.settings import model_config_for, reference
 from pfedsam_nvflare.flare.site_policy import PACKAGE_PREFIX
+from pfedsam_nvflare.training import TrainerConfig
 
 SITES = ["site-1", "site-2", "site-3"]
 PRIVATE_SITE = "site-3"
+RECORD_LEVEL = "pfedsam_dpsgd"  # the scope of poc/privacy.json that requires DP-SGD
+DPSGD = TrainerConfig(batch_size=4, kd_direction="global_to_local", dp={"noise_multiplier": 2.0, "max_grad_norm": 1.0})
 
 
 @pytest.fixture(scope="module")
 def poc(tmp_path_factory):
     root = tmp_path_factory.mktemp("poc")
-    job = export_tiny_job(root)
-    files = sorted(job.rglob("*"))
+    jobs = [
+        export_tiny_job(root, name="dpsgd", rounds=1, trainer=DPSGD, scope=RECORD_LEVEL),
+        export_tiny_job(root, name="no_dpsgd", rounds=1, min_clients=2, scope=RECORD_LEVEL),
+        export_tiny_job(root, name="pfedsam"),
+    ]
+    files = sorted((root / "jobs").rglob("*"))
     env = service_env(
         root,
         POC_WORKSPACE=str(root / "workspace"),
         POC_RESULTS=str(root / "results"),
         POC_PRIVACY=f"{PRIVATE_SITE}=poc/privacy.json",
     )
-    code, output = run_logged(["bash", "poc/run_poc.sh", str(job)], root / "run_poc.log", env, timeout=900)
+    code, output = run_logged(["bash", "poc/run_poc.sh", *map(str, jobs)], root / "run_poc.log", env, timeout=1200)
     left = left_running(root)
-    results = sorted((root / "results").glob("*"))
-    untouched = sorted(job.rglob("*")) == files
-    return {"root": root, "code": code, "output": output, "left": left, "result": results[0] if results else None, "untouched": untouched}
+    job_ids = dict(re.findall(r"^submitted (\S+) as \S+: job (\S+)$", output, re.M))
+    results = {name: root / "results" / job_id for name, job_id in job_ids.items()}
+    untouched = sorted((root / "jobs").rglob("*")) == files
+    return {"root": root, "code": code, "output": output, "left": left, "results": results, "job_ids": job_ids, "untouched": untouched}
 
 
 def _kits(poc):
     return next((poc["root"] / "workspace").glob("*/prod_00"))
 
 
-def test_the_job_completes_over_mutual_tls(poc):
+def _metrics(poc, name: str) -> dict:
+    assert name in poc["results"], poc["output"][-3000:]
+    return json.loads((poc["results"][name] / "workspace" / "pfedsam_metrics.json").read_text())
+
+
+def test_the_jobs_complete_over_mutual_tls(poc):
     assert poc["code"] == 0, poc["output"][-6000:]
-    assert "FINISHED:COMPLETED" in poc["output"]
-    assert poc["untouched"], "submitting changed the job folder"
+    assert list(poc["job_ids"]) == ["dpsgd", "no_dpsgd", "pfedsam"]
+    assert poc["output"].count("FINISHED:COMPLETED") == 3
+    assert poc["untouched"], "submitting changed the job folders"
     kits = _kits(poc)
     for site in SITES:
         startup = kits / site / "startup"
@@ -56,9 +74,8 @@ def test_the_job_completes_over_mutual_tls(poc):
 
 
 def test_the_results_hold_every_sites_metrics(poc):
-    assert poc["result"] is not None, poc["output"][-3000:]
-    workspace = poc["result"] / "workspace"
-    metrics = json.loads((workspace / "pfedsam_metrics.json").read_text())
+    metrics = _metrics(poc, "pfedsam")
+    workspace = poc["results"]["pfedsam"] / "workspace"
     assert [entry["round"] for entry in metrics["rounds"]] == list(range(ROUNDS))
     for entry in metrics["rounds"]:
         assert sorted(entry["sites"]) == SITES and sorted(entry["contributors"]) == SITES
@@ -72,6 +89,38 @@ def test_no_process_is_left_running(poc):
     assert "POC system stopped" in poc["output"]
 
 
+def _dpsgd_release(poc) -> tuple[float, float, int]:
+    (entry,) = _metrics(poc, "dpsgd")["rounds"]
+    report = entry["updates"][PRIVATE_SITE]["privacy"]
+    return report["noise_multiplier"], report["sample_rate"], report["steps"]
+
+
+def test_the_site_whose_policy_requires_dp_sgd_sends_only_dp_sgd_updates(poc):
+    policy = json.loads((REPO / "poc" / "privacy.json").read_text())
+    (required,) = next(s for s in policy["scopes"] if s["name"] == RECORD_LEVEL)["task_result_filters"]
+    (entry,) = _metrics(poc, "dpsgd")["rounds"]
+    assert sorted(entry["contributors"]) == SITES
+    noise, rate, steps = _dpsgd_release(poc)
+    independent = RDPAccountant()
+    for _ in range(steps):
+        independent.step(noise_multiplier=noise, sample_rate=rate)
+    counted = entry["updates"][PRIVATE_SITE]["privacy"]
+    assert counted["mechanism"] == "dp-sgd" and noise == 2.0
+    assert counted["max_epsilon"] == required["args"]["max_epsilon"]  # the site's policy counted it
+    assert counted["epsilon"] == pytest.approx(independent.get_epsilon(required["args"]["delta"]), rel=1e-9)
+    for site in set(SITES) - {PRIVATE_SITE}:  # trained under DP-SGD too, but no policy of theirs counted it
+        assert entry["updates"][site]["privacy"]["mechanism"] == "dp-sgd"
+        assert "max_epsilon" not in entry["updates"][site]["privacy"]
+
+    (refused,) = _metrics(poc, "no_dpsgd")["rounds"]
+    assert sorted(refused["contributors"]) == ["site-1", "site-2"] and refused["missing"] == [PRIVATE_SITE]
+    log = (_kits(poc) / PRIVATE_SITE / poc["job_ids"]["no_dpsgd"] / "log.txt").read_text(errors="replace")
+    assert "RequireDifferentialPrivacy kept this result at the site: this site requires record-level" in log
+    accountant = read_accountant(_kits(poc) / PRIVATE_SITE / ACCOUNTANT_FILE)
+    assert poc["job_ids"]["no_dpsgd"] not in accountant["jobs"]  # nothing released, nothing counted
+    assert poc["job_ids"]["dpsgd"] in accountant["jobs"]
+
+
 def test_only_the_site_whose_policy_forces_dp_sends_clipped_noised_updates(poc):
     policy = json.loads((REPO / "poc" / "privacy.json").read_text())
     dp = policy["scopes"][0]["task_result_filters"][0]["args"]
@@ -80,8 +129,9 @@ def test_only_the_site_whose_policy_forces_dp_sends_clipped_noised_updates(poc):
     values = reference(model_config_for(MODEL.to_dict(), "pfedsam")).partition.num_values("global")
     std = dp["noise_multiplier"] * dp["clip_norm"]
     noise_norm = std * values**0.5  # the norm of the noise alone; the clipped update adds at most clip_norm
-    metrics = json.loads((poc["result"] / "workspace" / "pfedsam_metrics.json").read_text())
+    metrics = _metrics(poc, "pfedsam")
     accountant = RDPAccountant()
+    accountant.history = [_dpsgd_release(poc)]  # the site's budget: the DP-SGD job spent from it first
     for entry in metrics["rounds"]:
         accountant.step(noise_multiplier=dp["noise_multiplier"], sample_rate=1.0)
         private = entry["updates"][PRIVATE_SITE]
@@ -91,11 +141,12 @@ def test_only_the_site_whose_policy_forces_dp_sends_clipped_noised_updates(poc):
         for site in set(SITES) - {PRIVATE_SITE}:
             assert "privacy" not in entry["updates"][site]
             assert abs(entry["updates"][site]["l2_norm"] - noise_norm) > dp["clip_norm"] + 5 * std
-    job_id = poc["result"].name
+    job_id = poc["job_ids"]["pfedsam"]
     kits = _kits(poc)
-    assert (kits / PRIVATE_SITE / "privacy_accountant.json").exists()  # in the site's workspace: one budget for all jobs
-    assert not (kits / PRIVATE_SITE / job_id / "privacy_accountant.json").exists()
-    assert not any((kits / site / "privacy_accountant.json").exists() for site in set(SITES) - {PRIVATE_SITE})
+    site_accountant = read_accountant(kits / PRIVATE_SITE / ACCOUNTANT_FILE)  # in the site's workspace: one budget
+    assert site_accountant["history"] == [_dpsgd_release(poc), (dp["noise_multiplier"], 1.0, ROUNDS)]
+    assert not (kits / PRIVATE_SITE / job_id / ACCOUNTANT_FILE).exists()
+    assert not any((kits / site / ACCOUNTANT_FILE).exists() for site in set(SITES) - {PRIVATE_SITE})
 
 
 @pytest.mark.parametrize(

@@ -365,7 +365,10 @@ def privacy_status(location: str | Path) -> str:
     path = Path(location)
     path = path / ACCOUNTANT_FILE if path.is_dir() else path
     if not path.is_file():
-        raise ValueError(f"no accountant at {path}: this site has released nothing under GaussianPrivacy yet")
+        raise ValueError(
+            f"no accountant at {path}: this site has released nothing under GaussianPrivacy or "
+            "RequireDifferentialPrivacy yet"
+        )
     record = read_accountant(path)
     delta, history = record["delta"], record["history"]
     epsilon = epsilon_of(history, delta)
