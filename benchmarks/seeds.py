@@ -2,8 +2,9 @@
 
 Reads ``comparison.json`` of ``pfedsam compare --ablate seed=0,1,2`` (runs may be added one at a time with
 ``--resume``) and prints, per method, the test Dice of the kept model and of the global model alone: the mean over
-sites of each seed's run, as mean ± sample standard deviation over the seeds, with the lowest and highest seed,
-the same for each label where there are several, and each site's mean over seeds.
+sites of each seed's run, as mean ± sample standard deviation over the seeds with the lowest and highest of
+them, the same for each label where there are several, and each site's mean over seeds. Seeds whose run did not
+complete are named under the table.
 
     python benchmarks/seeds.py benchmarks/results/l2-seeds
 """
@@ -19,16 +20,20 @@ from pathlib import Path
 SEED = re.compile(r"\[seed=(\d+)\]$")
 
 
-def by_method(result: dict) -> dict[str, dict[int, dict]]:
-    """``{method: {seed: run}}`` of the completed runs; a variant that is not a seed of a method is an error."""
+def by_method(result: dict) -> tuple[dict[str, dict[int, dict]], list[str]]:
+    """``{method: {seed: run}}`` of the completed runs, and the labels of the others; a variant that is not a seed
+    of a method is an error."""
     runs: dict[str, dict[int, dict]] = {}
+    incomplete = []
     for label, run in result["methods"].items():
         match = SEED.search(label)
         if match is None:
             raise ValueError(f"variant {label!r} is not '<method>[seed=N]': this comparison does not ablate the seed")
         if run.get("status") == "completed":
             runs.setdefault(label[: match.start()], {})[int(match.group(1))] = run
-    return runs
+        else:
+            incomplete.append(f"{label}: {run.get('status', 'no status')}")
+    return runs, incomplete
 
 
 def spread(values: list[float]) -> str:
@@ -70,7 +75,10 @@ def main() -> None:
     args = parser.parse_args()
     result = json.loads((args.comparison / "comparison.json").read_text())
     print(f"{result['data']['root']}, {result['rounds']} rounds; test Dice (mean over labels)")
-    print(table(by_method(result), result["data"]["labels"]))
+    runs, incomplete = by_method(result)
+    print(table(runs, result["data"]["labels"]))
+    if incomplete:
+        print("not completed, left out: " + "; ".join(incomplete))
 
 
 if __name__ == "__main__":

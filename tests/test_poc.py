@@ -7,6 +7,7 @@ spend one budget, site-3's."""
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from deployment import REPO, left_running, run_logged, service_env
@@ -14,6 +15,7 @@ from opacus.accountants import RDPAccountant
 from tiny_job import MODEL, ROUNDS, export_tiny_job
 
 from pfedsam_nvflare.cli import main
+from pfedsam_nvflare.flare.jobs import DPSGD_SCOPE
 from pfedsam_nvflare.flare.poc import DeploymentError, prepare_poc, read_privacy_policy
 from pfedsam_nvflare.flare.privacy import ACCOUNTANT_FILE, GaussianPrivacy, RequireDifferentialPrivacy, read_accountant
 from pfedsam_nvflare.flare.settings import model_config_for, reference
@@ -22,7 +24,6 @@ from pfedsam_nvflare.training import TrainerConfig
 
 SITES = ["site-1", "site-2", "site-3"]
 PRIVATE_SITE = "site-3"
-RECORD_LEVEL = "pfedsam_dpsgd"  # the scope of poc/privacy.json that requires DP-SGD
 DPSGD = TrainerConfig(batch_size=4, kd_direction="global_to_local", dp={"noise_multiplier": 2.0, "max_grad_norm": 1.0})
 
 
@@ -30,8 +31,8 @@ DPSGD = TrainerConfig(batch_size=4, kd_direction="global_to_local", dp={"noise_m
 def poc(tmp_path_factory):
     root = tmp_path_factory.mktemp("poc")
     jobs = [
-        export_tiny_job(root, name="dpsgd", rounds=1, trainer=DPSGD, scope=RECORD_LEVEL),
-        export_tiny_job(root, name="no_dpsgd", rounds=1, min_clients=2, scope=RECORD_LEVEL),
+        export_tiny_job(root, name="dpsgd", rounds=1, trainer=DPSGD, scope=DPSGD_SCOPE),
+        export_tiny_job(root, name="no_dpsgd", rounds=1, min_clients=2, scope=DPSGD_SCOPE),
         export_tiny_job(root, name="pfedsam"),
     ]
     files = sorted((root / "jobs").rglob("*"))
@@ -44,7 +45,8 @@ def poc(tmp_path_factory):
     code, output = run_logged(["bash", "poc/run_poc.sh", *map(str, jobs)], root / "run_poc.log", env, timeout=1200)
     left = left_running(root)
     job_ids = dict(re.findall(r"^submitted (\S+) as \S+: job (\S+)$", output, re.M))
-    results = {name: root / "results" / job_id for name, job_id in job_ids.items()}
+    downloaded = dict(re.findall(r"^results of job (\S+) in (.+)$", output, re.M))
+    results = {name: Path(downloaded[job_id]) for name, job_id in job_ids.items() if job_id in downloaded}
     untouched = sorted((root / "jobs").rglob("*")) == files
     return {"root": root, "code": code, "output": output, "left": left, "results": results, "job_ids": job_ids, "untouched": untouched}
 
@@ -61,7 +63,8 @@ def _metrics(poc, name: str) -> dict:
 def test_the_jobs_complete_over_mutual_tls(poc):
     assert poc["code"] == 0, poc["output"][-6000:]
     assert list(poc["job_ids"]) == ["dpsgd", "no_dpsgd", "pfedsam"]
-    assert poc["output"].count("FINISHED:COMPLETED") == 3
+    for job_id in poc["job_ids"].values():
+        assert re.search(rf"job {job_id}: FINISHED:COMPLETED$", poc["output"], re.M), job_id
     assert poc["untouched"], "submitting changed the job folders"
     kits = _kits(poc)
     for site in SITES:
@@ -97,7 +100,7 @@ def _dpsgd_release(poc) -> tuple[float, float, int]:
 
 def test_the_site_whose_policy_requires_dp_sgd_sends_only_dp_sgd_updates(poc):
     policy = json.loads((REPO / "poc" / "privacy.json").read_text())
-    (required,) = next(s for s in policy["scopes"] if s["name"] == RECORD_LEVEL)["task_result_filters"]
+    (required,) = next(s for s in policy["scopes"] if s["name"] == DPSGD_SCOPE)["task_result_filters"]
     (entry,) = _metrics(poc, "dpsgd")["rounds"]
     assert sorted(entry["contributors"]) == SITES
     noise, rate, steps = _dpsgd_release(poc)
@@ -108,9 +111,8 @@ def test_the_site_whose_policy_requires_dp_sgd_sends_only_dp_sgd_updates(poc):
     assert counted["mechanism"] == "dp-sgd" and noise == 2.0
     assert counted["max_epsilon"] == required["args"]["max_epsilon"]  # the site's policy counted it
     assert counted["epsilon"] == pytest.approx(independent.get_epsilon(required["args"]["delta"]), rel=1e-9)
-    for site in set(SITES) - {PRIVATE_SITE}:  # trained under DP-SGD too, but no policy of theirs counted it
+    for site in set(SITES) - {PRIVATE_SITE}:  # trained under DP-SGD too, with no policy of theirs
         assert entry["updates"][site]["privacy"]["mechanism"] == "dp-sgd"
-        assert "max_epsilon" not in entry["updates"][site]["privacy"]
 
     (refused,) = _metrics(poc, "no_dpsgd")["rounds"]
     assert sorted(refused["contributors"]) == ["site-1", "site-2"] and refused["missing"] == [PRIVATE_SITE]

@@ -46,8 +46,9 @@ class RoundMetricsWriter(Widget):
     """Writes ``<run dir>/<file_name>`` after every round, and ``learning_curves.png`` beside it when the run ends:
     ``{"job", "method", "rounds": [{"round", "seconds", "sites": {site: metrics}, "updates": {site: {"l2_norm",
     "privacy"}}, "contributors", "missing"}], "dropped": {site: {"round", "time"}}, "final": {model: {site:
-    metrics}}}``. ``updates`` is what the server received: the L2 norm of each site's update and, where the site
-    applied ``GaussianPrivacy``, the privacy it spent. ``missing``: the job's sites (as the server's engine lists them
+    metrics}}}``. ``updates`` is what the server received: the L2 norm of each site's update and, where it carries
+    one, its privacy report (DP-SGD's, with the site's ε where its ``RequireDifferentialPrivacy`` counted it, or
+    ``GaussianPrivacy``'s). ``missing``: the job's sites (as the server's engine lists them
     when a round begins, and every earlier contributor) whose update is not in the round's average; ``dropped``: the
     first round each of them went missing, and when (UTC), so that a site lost mid-job is named with its round."""
 
