@@ -238,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the job on LiteMedSAM over generated sites in FLARE's simulator")
     demo.add_argument("--workspace", default="pfedsam_demo", help="simulator workspace root (default ./pfedsam_demo)")
     demo.add_argument(
-        "--method", default="pfedsam", help="pfedsam (default), pfedsam_nokd, fedavg, local, fedsam or ditto"
+        "--method", default="pfedsam",
+        help="pfedsam (default), pfedsam_kd, pfedsam_nokd, fedavg, local, fedsam or ditto",
     )
     demo.add_argument("--rounds", type=COUNT, default=3)
     demo.add_argument(
@@ -276,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", help="run methods (or ablations) side by side in FLARE's simulator and tabulate test results"
     )
     compare.add_argument("--data", help="data root (default: the job's generated sites)")
-    compare.add_argument("--methods", default="pfedsam,pfedsam_nokd,fedavg,local,fedsam,ditto", help="comma-separated")
+    compare.add_argument("--methods", default="pfedsam,pfedsam_kd,fedavg,local,fedsam,ditto", help="comma-separated")
     compare.add_argument("--rounds", type=COUNT, default=3)
     compare.add_argument("--out", default="comparison", help="folder for comparison.json/.md/.png and the runs")
     compare.add_argument("--backbone", default="lite_medsam", help="lite_medsam (default), tiny, vit_b, vit_l, vit_h")

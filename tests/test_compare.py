@@ -153,4 +153,6 @@ def test_privacy_settings_become_dp_sgd_or_a_client_filter_at_the_target_epsilon
     assert 7.9 < accountant.get_epsilon(1e-5) <= privacy["args"]["max_epsilon"] == 8
     with pytest.raises(ValueError, match="dp_epsilon must be a number above 0 or inf, got -1"):
         comparison._recipe(Variant("fedavg", {"dp_epsilon": -1}), DataConfig(), SITES)
+    with pytest.raises(ValueError, match="the teacher is trained without DP"):  # the preset, not the default
+        comparison._recipe(Variant("pfedsam_kd", {"dp_epsilon": 3}), DataConfig(), SITES)
 

@@ -97,11 +97,12 @@ def test_per_sample_gradients_are_those_of_each_sample_alone():
 
 def test_dp_sgd_refuses_to_distil_the_personalized_model_into_the_global_phase():
     with pytest.raises(ValueError, match="the teacher is trained without DP on every record"):
-        TrainerConfig(dp={"noise_multiplier": 1.0})  # pfedsam's default kd_direction is local_to_global
+        TrainerConfig(kd_direction="local_to_global", dp={"noise_multiplier": 1.0})
+    assert TrainerConfig(dp={"noise_multiplier": 1.0}).kd_direction == "none"  # the default distils nothing
     assert TrainerConfig(dp={"noise_multiplier": 1.0}, kd_direction="global_to_local").dp.noise_multiplier == 1.0
-    assert TrainerConfig(method="fedavg", dp={"noise_multiplier": 1.0}).dp is not None  # no experts, no teacher
+    assert TrainerConfig(method="fedavg", kd_direction="local_to_global", dp={"noise_multiplier": 1.0}).dp is not None
     with pytest.raises(ValueError, match="kd_direction='local_to_global'"):
-        TrainerConfig(method="local", dp={"noise_multiplier": 1.0})
+        TrainerConfig(method="local", kd_direction="local_to_global", dp={"noise_multiplier": 1.0})
 
 
 @pytest.mark.parametrize(

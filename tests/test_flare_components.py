@@ -365,3 +365,17 @@ def test_the_metrics_name_a_site_that_stops_sending_and_the_round_it_dropped(tmp
     assert {site: entry["round"] for site, entry in writer._record["dropped"].items()} == {"site-2": 1, "site-3": 2}
     assert "site-2 sent no update in round 1" in caplog.text and "site-3 sent no update in round 2" in caplog.text
     assert json.loads((tmp_path / "metrics.json").read_text())["dropped"]["site-3"]["round"] == 2
+
+
+@pytest.mark.parametrize(
+    "method, given, expected",
+    [("pfedsam", None, "none"), ("pfedsam", "global_to_local", "global_to_local"),
+     ("pfedsam_kd", None, "local_to_global"), ("pfedsam_nokd", "local_to_global", "none")],
+)
+def test_a_method_preset_fixes_the_distillation_and_pfedsam_keeps_the_trainers(method, given, expected):
+    from pfedsam_nvflare.flare.recipe import PFedSAMRecipe
+    from pfedsam_nvflare.training import TrainerConfig
+
+    trainer = TrainerConfig(kd_direction=given) if given else None
+    recipe = PFedSAMRecipe(method=method, model=None, trainer=trainer)
+    assert (recipe.trainer.method, recipe.trainer.kd_direction) == ("pfedsam", expected)

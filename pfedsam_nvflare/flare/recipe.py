@@ -29,6 +29,7 @@ from .persistor import GlobalPartitionLocator, GlobalPartitionPersistor
 # The methods a job can run: the trainer's method and, where the preset fixes it, the distillation direction.
 RECIPE_METHODS = {
     "pfedsam": ("pfedsam", None),
+    "pfedsam_kd": ("pfedsam", "local_to_global"),
     "pfedsam_nokd": ("pfedsam", "none"),
     "fedavg": ("fedavg", None),
     "local": ("local", None),
@@ -48,7 +49,8 @@ class PFedSAMRecipe(Recipe):
         name: job name (defaults to the method).
         min_clients: sites needed to start a round.
         num_rounds: federated rounds.
-        method: ``pfedsam``, ``pfedsam_nokd`` (no distillation), ``fedavg`` (LoRA without experts), ``local``
+        method: ``pfedsam``, ``pfedsam_kd`` (with local-to-global distillation), ``pfedsam_nokd`` (without
+            distillation, whatever the trainer's ``kd_direction``), ``fedavg`` (LoRA without experts), ``local``
             (each site alone), ``fedsam`` (full fine-tuning) or ``ditto`` (a personal copy of the global partition
             per site, trained with a proximal term toward the received one).
         model: the ``ModelConfig`` (backbone, adapters, decoder mode, ...).

@@ -54,8 +54,9 @@ class NonFiniteTraining(RuntimeError):
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    """How a site trains. ``kd_direction``: ``local_to_global`` distils the personalized model (teacher) into
-    the global-only path; ``global_to_local`` distils the received global model into the personalized one.
+    """How a site trains. ``kd_direction``: ``none`` (the default: distillation lowered test Dice in the measured
+    ablations, BENCHMARK.md), ``local_to_global`` distils the personalized model (teacher) into the global-only
+    path, ``global_to_local`` distils the received global model into the personalized one.
     ``phase_order``: ``local_first`` (the local phase, then the global phase) or ``global_first``.
     ``ditto_lambda``: the weight of Ditto's proximal term λ/2·‖w − w_global‖². ``cache_features`` keeps the frozen
     encoder prefix of every sample on disk (else the images), in ``cache_dtype``. ``precision``: the autocast dtype
@@ -63,7 +64,7 @@ class TrainerConfig:
     level DP-SGD of the global phase (``DPConfig`` or its dict; see ``dp``)."""
 
     method: str = "pfedsam"
-    kd_direction: str = "local_to_global"
+    kd_direction: str = "none"
     kd_weight: float = 1.0
     kd_temperature: float = 2.0
     balance_weight: float = 0.01
@@ -94,8 +95,8 @@ class TrainerConfig:
             raise ValueError(
                 "DP-SGD cannot distil the personalized model into the global phase (kd_direction='local_to_global'): "
                 "the teacher is trained without DP on every record of the site, so its outputs would carry all of "
-                "them into each sample's loss and void the per-sample bound; use kd_direction 'none' or "
-                "'global_to_local' (method pfedsam_nokd in a job)"
+                "them into each sample's loss and void the per-sample bound; use kd_direction 'none' (the default) or "
+                "'global_to_local' (not the method pfedsam_kd in a job)"
             )
         if self.kd_direction not in KD_DIRECTIONS:
             raise ValueError(f"kd_direction must be one of {KD_DIRECTIONS}, got {self.kd_direction!r}")
