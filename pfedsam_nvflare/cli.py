@@ -290,8 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument(
         "--ablate", action="append", default=[], metavar="KEY=V1,V2",
-        help="one run per value of a setting and method, e.g. --ablate kd_direction=none,local_to_global or "
-        "--ablate dp_epsilon=1,3,8,inf",
+        help="one run per value of a setting and method, e.g. --methods pfedsam --ablate "
+        "kd_direction=none,local_to_global or --ablate dp_epsilon=1,3,8,inf",
     )
     compare.add_argument(
         "--resume", action="store_true", help="keep the completed runs of an earlier comparison in --out, run the rest"

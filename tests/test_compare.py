@@ -155,4 +155,8 @@ def test_privacy_settings_become_dp_sgd_or_a_client_filter_at_the_target_epsilon
         comparison._recipe(Variant("fedavg", {"dp_epsilon": -1}), DataConfig(), SITES)
     with pytest.raises(ValueError, match="the teacher is trained without DP"):  # the preset, not the default
         comparison._recipe(Variant("pfedsam_kd", {"dp_epsilon": 3}), DataConfig(), SITES)
+    with pytest.raises(ValueError, match="method pfedsam_kd always runs kd_direction='local_to_global'"):
+        comparison._recipe(Variant("pfedsam_kd", {"kd_direction": "none"}), DataConfig(), SITES)
+    distilling = comparison._recipe(Variant("pfedsam", {"kd_direction": "local_to_global"}), DataConfig(), SITES)
+    assert distilling.trainer.kd_direction == "local_to_global"
 

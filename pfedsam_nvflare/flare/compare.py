@@ -42,7 +42,7 @@ PROGRESS_MARKERS = ("round ", "final evaluation", "kept model", "rejected the co
 
 @dataclass(frozen=True)
 class Variant:
-    """One run: a method and the settings it changes (``{"kd_direction": "none"}``) from the shared ones."""
+    """One run: a method and the settings it changes (``{"kd_direction": "local_to_global"}``) from the shared ones."""
 
     method: str
     changes: dict[str, Any] = field(default_factory=dict)
@@ -168,12 +168,17 @@ class Comparison:
 
     def _recipe(self, variant: Variant, data: DataConfig, sites: list[str]) -> Any:
         changes = {**self.changes, **variant.changes}
+        method, preset = RECIPE_METHODS[variant.method]
+        if preset is not None and "kd_direction" in changes:
+            raise ValueError(
+                f"method {variant.method} always runs kd_direction={preset!r}; set or ablate kd_direction with the "
+                "method pfedsam"
+            )
         epsilons = {name: target_epsilon(changes.pop(name), name) for name in PRIVACY_SETTINGS if name in changes}
         model, trainer = apply_settings(self.model, job_trainer(variant.method), changes)
         if epsilons.get("dp_epsilon") is not None:
             dp = DPConfig(target_epsilon=epsilons["dp_epsilon"], delta=DP_DELTA, rounds=self.rounds)
             # the method's own trainer settings first (the recipe sets them too), so that DP-SGD is checked against them
-            method, preset = RECIPE_METHODS.get(variant.method, (trainer.method, None))
             trainer = replace(trainer, method=method, **({"kd_direction": preset} if preset else {}), dp=dp)
         privacy = None
         if epsilons.get("client_epsilon") is not None:

@@ -2,8 +2,9 @@
 
 Round: load the received global partition (strictly) → local phase (the site's own part learns: the L-MoE
 experts and routers, or Ditto's personal copy; the global partition is frozen) → global phase (the global
-partition learns, the experts are frozen, with teacher-student distillation) → return the global partition's
-difference. ``phase_order="global_first"`` swaps the two phases. The local part stays in the site directory.
+partition learns, the experts are frozen; with ``kd_direction="local_to_global"`` the personalized model teaches
+it) → return the global partition's difference. ``phase_order="global_first"`` swaps the two phases. The local
+part stays in the site directory.
 """
 
 from __future__ import annotations
