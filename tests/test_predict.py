@@ -109,7 +109,9 @@ def test_predict_writes_each_scan_in_its_own_geometry_with_the_models_dice(train
         assert set(np.unique(predicted)) <= {0, 1}, name
         dice = _dice(predicted, mask)
         assert 0.3 < dice, f"{name}: the model should segment the object (Dice {dice:.3f})"
-        assert dice == pytest.approx(_grid_dice(model_file, image, mask), abs=0.02), name
+        # the same prediction up to resampling: only boundary pixels may change, which moves the Dice of the smallest
+        # scan (one 61x53 PNG plane) by up to a few hundredths; a misplaced or transposed output would cost far more
+        assert dice == pytest.approx(_grid_dice(model_file, image, mask), abs=0.03), name
 
 
 def test_predict_never_overwrites_a_scan_and_names_what_it_cannot_read(trained, tmp_path):
