@@ -2,12 +2,13 @@
 inference, batch 1 and 4, for several choices of adapted encoder blocks.
 
 Training steps start from the cached frozen prefix, as ``LocalTrainer`` runs them; the prefix itself is
-computed once per image and timed separately. Inference runs from pixels. The model is placed as ``LocalTrainer``
+computed once per image and timed separately. ``--blocks full`` is ``fedsam``'s full fine-tuning: nothing is
+frozen, so its steps run from pixels. Inference runs from pixels. The model is placed as ``LocalTrainer``
 places it (channels-last convolution weights) and every pass runs in the precision ``TrainerConfig(precision=
 "auto")`` picks on this machine (bfloat16 autocast where the CPU has bfloat16 instructions, float32 elsewhere),
 unless ``--precision`` says otherwise.
 
-    python benchmarks/step_time.py [--repeats 3] [--blocks all 8 2] [--threads N] [--precision auto]
+    python benchmarks/step_time.py [--repeats 3] [--blocks all 8 2 full] [--threads N] [--precision auto]
     python benchmarks/step_time.py --levers [--repeats 3]
 
 ``--levers`` times the job's setting (adapters in the last two blocks), each lever on top of the one before: the
@@ -137,7 +138,9 @@ def levers(batches: list[int], repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--blocks", nargs="+", default=["all", "8", "2"], help="adapted last blocks, or 'all'")
+    parser.add_argument(
+        "--blocks", nargs="+", default=["all", "8", "2"], help="adapted last blocks, 'all', or 'full' (fine-tune all)"
+    )
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--precision", default="auto", help="auto, float32 or bfloat16 (TrainerConfig's)")
@@ -162,7 +165,10 @@ def main() -> None:
     print("-" * len(header))
     for blocks in args.blocks:
         for batch in args.batches:
-            config = ModelConfig(backbone="lite_medsam", adapted_blocks=None if blocks == "all" else int(blocks))
+            if blocks == "full":
+                config = ModelConfig(backbone="lite_medsam", full_finetune=True, num_experts=0)
+            else:
+                config = ModelConfig(backbone="lite_medsam", adapted_blocks=None if blocks == "all" else int(blocks))
             row = measure(config, batch, args.repeats, precision)
             print(
                 f"{blocks:>14} {batch:>5} {row['global_values']:>13,} {row['local_values']:>12,} "

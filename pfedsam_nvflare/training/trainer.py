@@ -97,7 +97,7 @@ class TrainerConfig:
                 "DP-SGD cannot distil the personalized model into the global phase (kd_direction='local_to_global'): "
                 "the teacher is trained without DP on every record of the site, so its outputs would carry all of "
                 "them into each sample's loss and void the per-sample bound; use kd_direction 'none' (the default) or "
-                "'global_to_local' (not the method pfedsam_kd in a job)"
+                "'global_to_local', and a method other than pfedsam_kd, whose preset distils local_to_global"
             )
         if self.kd_direction not in KD_DIRECTIONS:
             raise ValueError(f"kd_direction must be one of {KD_DIRECTIONS}, got {self.kd_direction!r}")
