@@ -36,7 +36,10 @@ def table(runs: dict[str, dict[int, dict]], targets: list[float]) -> str:
         cells = []
         for target in targets:
             reached = next((r for r, mean in ordered if (mean["personalized_dice"] or 0) >= target), None)
-            cells.append("not reached" if reached is None else f"{reached} rounds, {reached * per_round / 1e6:,.1f} MB")
+            if reached is None:
+                cells.append("not reached")
+            else:
+                cells.append(f"{reached} round{'s' * (reached > 1)}, {reached * per_round / 1e6:,.1f} MB")
         curve = ", ".join(f"R={r}: {mean['personalized_dice']:.3f}" for r, mean in ordered)
         lines.append(f"| {method} | {per_round / 1e6:,.2f} MB | " + " | ".join(cells) + f" | {curve} |")
     return "\n".join(lines)
