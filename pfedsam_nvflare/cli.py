@@ -94,6 +94,7 @@ def _compare(args: argparse.Namespace) -> int:
         changes={key: parse_value(value) for key, value in _pairs(args.set, "--set").items()},
         sites=args.sites.split(",") if args.sites else None,
         resume=args.resume,
+        part_rounds=args.part_rounds,
     )
     from .reports import comparison_markdown
 
@@ -294,7 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
         "kd_direction=none,local_to_global or --ablate dp_epsilon=1,3,8,inf",
     )
     compare.add_argument(
-        "--resume", action="store_true", help="keep the completed runs of an earlier comparison in --out, run the rest"
+        "--resume", action="store_true",
+        help="keep the completed runs of an earlier comparison in --out, run the rest (a run cut into parts continues "
+        "after its last completed part)",
+    )
+    compare.add_argument(
+        "--part-rounds", type=COUNT, metavar="N",
+        help="run each method as jobs of at most N rounds, each continuing the last (the same training as one job), "
+        "so that a long run can be stopped and resumed between parts",
     )
     compare.set_defaults(run=_compare)
 

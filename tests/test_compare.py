@@ -25,7 +25,8 @@ def _pfedsam(*args, env):
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
-    env = {**os.environ, "PFEDSAM_DATA_HOME": str(root / "data")}
+    # a state folder set for the user's own jobs: every run of a comparison must start from the pretrained model
+    env = {**os.environ, "PFEDSAM_DATA_HOME": str(root / "data"), "PFEDSAM_STATE_DIR": str(root / "user_state")}
     completed = _pfedsam(
         "compare", "--backbone", "tiny", "--methods", ",".join(METHODS), "--rounds", "1", "--out", str(root / "out"), env=env
     )
@@ -61,6 +62,14 @@ def test_every_method_and_site_has_test_dice_per_label_and_bytes(compared):
                     assert entry["test"][path]["hd95"][label] >= 0.0
             assert entry["bytes_sent_per_round"] == 4 * values and entry["bytes_sent_total"] == 4 * values
         assert set(run["mean"]) >= {"personalized_dice", "global_dice", "bytes_sent_per_round"}
+
+
+def test_each_run_keeps_its_sites_state_in_its_own_run_folder(compared):
+    out, _, _ = compared
+    assert not (out.parent / "user_state").exists()
+    for method in METHODS:
+        for site in SITES:
+            assert (out / "runs" / method / site / "simulate_job" / "pfedsam" / "site_state.pt").is_file()
 
 
 def test_every_method_uses_the_same_disjoint_three_way_split(compared):

@@ -4,11 +4,18 @@ FLARE's simulator on the same sites and the same splits; one table of what each 
 Every run is an exported job folder run by ``nvflare simulator`` in its own process, so a method that fails is
 reported as failed and the others still run. Results are the sites' final evaluations (test cases, the model
 each site keeps), read from each job's ``pfedsam_metrics.json``.
+
+A run longer than a session can be cut into parts (``part_rounds``): jobs of a few rounds each, every one continuing
+the last (its saved global partition, and each site's own state kept in the run's state folder), so that the
+rounds, their random streams and the optimisers' moments are those of one uncut job. Each completed part is
+recorded with a copy of the sites' states, and ``resume`` continues after the last one.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,11 +33,15 @@ from ..model.pfedsam import PATHS
 from ..reports import FINAL_MODEL, comparison_markdown, plot_comparison
 from ..training import TrainerConfig
 from ..training.dp import DPConfig
+from ..training.site_state import PREVIOUS_STATE_FILE, STATE_FILE
 from .jobs import JOB_DATA, JOB_MODEL, JOB_PRIVACY, job_recipe, job_trainer
 from .recipe import RECIPE_METHODS
 from .site_policy import allow_pfedsam_in
+from .site_storage import STATE_DIR_ENV
 
 METRICS_FILE = "pfedsam_metrics.json"
+PARTS_FILE = "parts.json"  # in a run cut into parts: what it was planned with, and each completed part
+GLOBAL_FILE = Path("server", "simulate_job", "app_server", "FL_global_model.pt")  # the latest global partition
 # Settings of a run that are not ModelConfig or TrainerConfig fields: differential privacy at a target ε (at
 # δ=1e-5) spent over the comparison's rounds, record-level (DP-SGD) or client-level (GaussianPrivacy with the job's
 # clip norm); ``inf`` (or null) for none.
@@ -111,6 +122,7 @@ class Comparison:
     changes: dict[str, Any] = field(default_factory=dict)  # settings every variant changes (``--set``)
     sites: list[str] | None = None
     resume: bool = False  # keep the completed runs of an earlier comparison of the same settings in ``out``
+    part_rounds: int | None = None  # cut each run into jobs of at most this many rounds, each continuing the last
 
     def run(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -143,7 +155,9 @@ class Comparison:
                     f"({earlier[variant.label].get('trainer')}), run again",
                     flush=True,
                 )
-            print(f"[{index}/{len(self.variants)}] {variant.label}: {self.rounds} rounds on {', '.join(sites)}", flush=True)
+            cut = f" in jobs of up to {self.part_rounds}" if self._cut else ""
+            print(f"[{index}/{len(self.variants)}] {variant.label}: {self.rounds} rounds{cut} on {', '.join(sites)}",
+                  flush=True)
             outcome = self._run_variant(variant, data, sites)
             result["methods"][variant.label] = outcome
             status = outcome["status"]
@@ -166,7 +180,11 @@ class Comparison:
                 )
         return {label: run for label, run in earlier["methods"].items() if run.get("status") == "completed"}
 
-    def _recipe(self, variant: Variant, data: DataConfig, sites: list[str]) -> Any:
+    def _recipe(
+        self, variant: Variant, data: DataConfig, sites: list[str], part: tuple[str, int, str | None] | None = None
+    ) -> Any:
+        """The job of ``variant``; with ``part`` (its job name, its rounds, the global partition it continues from)
+        one part of it. Privacy is spent over the whole run's rounds either way."""
         changes = {**self.changes, **variant.changes}
         method, preset = RECIPE_METHODS[variant.method]
         if preset is not None and "kd_direction" in changes:
@@ -185,9 +203,15 @@ class Comparison:
             epsilon = epsilons["client_epsilon"]
             noise = get_noise_multiplier(target_epsilon=epsilon, target_delta=DP_DELTA, sample_rate=1.0, steps=self.rounds)
             privacy = {**JOB_PRIVACY, "noise_multiplier": noise, "delta": DP_DELTA, "max_epsilon": epsilon}
+            if part is not None:
+                raise ValueError(
+                    "client_epsilon cannot be spent over a run cut into parts: each job's privacy filter would count "
+                    "only its own rounds; run it without --part-rounds"
+                )
+        name, rounds, initial_global = part or (variant.job_name, self.rounds, None)
         return job_recipe(
-            variant.method, num_rounds=self.rounds, model=model, trainer=trainer, data=data,
-            min_clients=len(sites), name=variant.job_name, privacy=privacy,
+            variant.method, num_rounds=rounds, model=model, trainer=trainer, data=data, min_clients=len(sites),
+            name=name, privacy=privacy, initial_global=initial_global,
         )
 
     def _trainer_settings(self, variant: Variant, data: DataConfig, sites: list[str]) -> dict[str, Any] | None:
@@ -198,25 +222,41 @@ class Comparison:
         except (ValueError, TypeError):
             return None
 
+    @property
+    def _cut(self) -> bool:
+        return self.part_rounds is not None and self.part_rounds < self.rounds
+
     def _run_variant(self, variant: Variant, data: DataConfig, sites: list[str]) -> dict[str, Any]:
-        began = time.monotonic()
-        workspace = self.out / "runs" / variant.job_name
         try:
             recipe = self._recipe(variant, data, sites)
+        except (ValueError, TypeError) as error:
+            return _failed(error)
+        run_dir = self.out / "runs" / variant.job_name
+        if not self._cut and not (self.resume and (run_dir / PARTS_FILE).exists()):
+            # one job; its sites keep their state in the job's run folder, so every run starts from the pretrained
+            # model whatever the environment says
+            outcome = self._run_job(recipe, variant.job_name, run_dir, sites, state_dir=None)
+            return {**outcome, "trainer": recipe.trainer.to_dict()}
+        return self._run_in_parts(variant, recipe, data, sites, run_dir)
+
+    def _run_job(
+        self, recipe: Any, name: str, workspace: Path, sites: list[str], state_dir: Path | None
+    ) -> dict[str, Any]:
+        """Export ``recipe`` (the job ``name``) and run it in the simulator in ``workspace``, emptied first so that
+        nothing of an earlier attempt is read as this one's result."""
+        began = time.monotonic()
+        try:
             recipe.export(str(self.out / "jobs"))
         except (ValueError, TypeError) as error:
-            return {"status": "failed", "error": f"{type(error).__name__}: {error}", "wall_seconds": 0.0}
+            return _failed(error)
+        shutil.rmtree(workspace, ignore_errors=True)
         allow_pfedsam_in(workspace / "local")
-        log = self.out / "runs" / f"{variant.job_name}.log"
+        log = self.out / "runs" / f"{name}.log"
         try:
-            returncode = _simulate(self.out / "jobs" / variant.job_name, workspace, sites, log)
+            returncode = _simulate(self.out / "jobs" / name, workspace, sites, log, state_dir)
         except OSError as error:
             return {"status": "failed", "error": f"the simulator did not run: {error}", "wall_seconds": 0.0}
-        outcome: dict[str, Any] = {
-            "wall_seconds": round(time.monotonic() - began, 1),
-            "log": str(log),
-            "trainer": recipe.trainer.to_dict(),
-        }
+        outcome: dict[str, Any] = {"wall_seconds": round(time.monotonic() - began, 1), "log": str(log)}
         metrics_file = workspace / "server" / "simulate_job" / METRICS_FILE
         try:
             metrics = json.loads(metrics_file.read_text())
@@ -230,22 +270,98 @@ class Comparison:
             return {**outcome, "status": "failed", "error": f"{reason}; see {log}", "sites": summary}
         return {**outcome, "status": "completed", "sites": summary, "mean": mean_over_sites(summary)}
 
+    def _run_in_parts(
+        self, variant: Variant, recipe: Any, data: DataConfig, sites: list[str], run_dir: Path
+    ) -> dict[str, Any]:
+        """The run as jobs of at most ``part_rounds`` rounds (the rest in one job where that is unset), each
+        continuing the last; with ``resume``, after the last part completed earlier."""
+        trainer = recipe.trainer.to_dict()
+        plan = {"rounds": self.rounds, "sites": sites, "data": data.to_dict(), "model": recipe.model.to_dict(),
+                "trainer": trainer}
+        state_dir = run_dir / "state"
+        parts = self._completed_parts(run_dir, plan)
+        if parts:
+            print(f"    continuing after round {parts[-1]['rounds_done']} ({len(parts)} part(s) completed earlier)",
+                  flush=True)
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        restore_site_states(state_dir, run_dir / parts[-1]["states"] if parts else None, sites)
+        while (done := parts[-1]["rounds_done"] if parts else 0) < self.rounds:
+            number, rounds = len(parts) + 1, min(self.part_rounds or self.rounds, self.rounds - done)
+            print(f"    part {number}: rounds {done + 1}-{done + rounds} of {self.rounds}", flush=True)
+            name = f"{variant.job_name}_part{number}"
+            previous = str(run_dir / parts[-1]["workspace"] / GLOBAL_FILE) if parts else None
+            try:
+                part_recipe = self._recipe(variant, data, sites, part=(name, rounds, previous))
+            except (ValueError, TypeError) as error:
+                return _failed(error)
+            outcome = self._run_job(part_recipe, name, run_dir / f"part{number}", sites, state_dir)
+            if outcome["status"] != "completed":
+                wall = sum(part["wall_seconds"] for part in parts) + outcome["wall_seconds"]
+                error = f"part {number} (rounds {done + 1}-{done + rounds}): {outcome['error']}"
+                return {**outcome, "error": error, "wall_seconds": wall, "trainer": trainer}
+            states = f"states_after_part{number}"
+            copy_site_states(state_dir, run_dir / states, sites)
+            parts.append({
+                "workspace": f"part{number}", "rounds": rounds, "rounds_done": done + rounds, "states": states,
+                "wall_seconds": outcome["wall_seconds"], "log": outcome["log"], "sites": outcome["sites"],
+            })
+            atomic_write_text(json.dumps({"plan": plan, "parts": parts}, indent=2) + "\n", run_dir / PARTS_FILE)
+            if number > 1:  # the states of the part before are no longer needed to continue
+                shutil.rmtree(run_dir / parts[-2]["states"], ignore_errors=True)
+        summary = join_parts(parts)
+        return {
+            "wall_seconds": round(sum(part["wall_seconds"] for part in parts), 1),
+            "log": parts[-1]["log"],
+            "trainer": trainer,
+            "parts": [{"rounds_done": part["rounds_done"], "wall_seconds": part["wall_seconds"]} for part in parts],
+            "status": "completed",
+            "sites": summary,
+            "mean": mean_over_sites(summary),
+        }
+
+    def _completed_parts(self, run_dir: Path, plan: dict[str, Any]) -> list[dict[str, Any]]:
+        """With ``resume``, the parts of this run completed earlier with the same plan; else none."""
+        path = run_dir / PARTS_FILE
+        if not self.resume or not path.exists():
+            return []
+        earlier = json.loads(path.read_text())
+        if earlier.get("plan") != plan:
+            print(f"    {path} was made with other settings: starting the run over", flush=True)
+            return []
+        parts = earlier["parts"]
+        states = run_dir / parts[-1]["states"] if parts else None
+        missing = [site for site in plan["sites"] if states and not (states / site / STATE_FILE).exists()]
+        if missing:
+            print(f"    no saved state after part {len(parts)} for {', '.join(missing)}: starting the run over", flush=True)
+            return []
+        return parts
+
     def _write(self, result: dict[str, Any]) -> None:
         atomic_write_text(json.dumps(result, indent=2) + "\n", self.out / "comparison.json")
         atomic_write_text(comparison_markdown(result) + "\n", self.out / "comparison.md")
         plot_comparison(result, self.out / "comparison.png")
 
 
-def _simulate(job: Path, workspace: Path, sites: list[str], log: Path) -> int:
-    """Run ``job`` in ``nvflare simulator`` with one process per site (each takes its share of the cores); the
-    log goes to ``log`` and its progress lines to the console."""
+def _failed(error: Exception) -> dict[str, Any]:
+    """The outcome of a run that could not be built or started."""
+    return {"status": "failed", "error": f"{type(error).__name__}: {error}", "wall_seconds": 0.0}
+
+
+def _simulate(job: Path, workspace: Path, sites: list[str], log: Path, state_dir: Path | None) -> int:
+    """Run ``job`` in ``nvflare simulator`` with one process per site (each takes its share of the cores), the
+    sites keeping their state in ``state_dir`` (in the job's run folder where it is None); the log goes to ``log``
+    and its progress lines to the console."""
+    env = {key: value for key, value in os.environ.items() if key != STATE_DIR_ENV}
+    if state_dir is not None:
+        env[STATE_DIR_ENV] = str(state_dir.resolve())
     command = [
         sys.executable, "-m", "nvflare.cli", "simulator", str(job), "-w", str(workspace),
         "-c", ",".join(sites), "-t", str(len(sites)), "-l", "concise",
     ]
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as handle, subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     ) as process:
         assert process.stdout is not None
         for line in process.stdout:
@@ -287,6 +403,46 @@ def summarise_run(metrics: dict[str, Any], sites: list[str]) -> dict[str, Any]:
                 entry[split] = report[split]
         summary[site] = entry
     return summary
+
+
+def copy_site_states(state_dir: Path, to: Path, sites: list[str]) -> None:
+    """Each site's saved state (``site_state.pt``: its own partition, optimisers and round count), copied to
+    ``to/<site>``."""
+    for site in sites:
+        (to / site).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(state_dir / site / STATE_FILE, to / site / STATE_FILE)
+
+
+def restore_site_states(state_dir: Path, saved: Path | None, sites: list[str]) -> None:
+    """Put back each site's state as it was after the last completed part (``saved``), or none before the first,
+    undoing whatever a part cut short had saved; the split and the feature cache stay."""
+    for site in sites:
+        folder = state_dir / site
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / PREVIOUS_STATE_FILE).unlink(missing_ok=True)
+        if saved is None:
+            (folder / STATE_FILE).unlink(missing_ok=True)
+        else:
+            shutil.copyfile(saved / site / STATE_FILE, folder / f"{STATE_FILE}.copying")
+            os.replace(folder / f"{STATE_FILE}.copying", folder / STATE_FILE)
+
+
+def join_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run's per-site summary from its parts': curves numbered over the whole run, bytes summed, and the
+    final evaluations of the last part (the model each site keeps)."""
+    joined: dict[str, Any] = {}
+    for site, last in parts[-1]["sites"].items():
+        curve: dict[str, list] = {key: [] for key in last["curve"]}
+        for part in parts:
+            before = part["rounds_done"] - part["rounds"]
+            for key, values in part["sites"][site]["curve"].items():
+                curve[key] += [value + before for value in values] if key == "round" else values
+        joined[site] = {
+            **last,
+            "bytes_sent_total": sum(part["sites"][site]["bytes_sent_total"] for part in parts),
+            "curve": curve,
+        }
+    return joined
 
 
 def mean_over_sites(summary: dict[str, Any]) -> dict[str, float | None]:

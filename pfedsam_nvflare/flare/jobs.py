@@ -60,14 +60,16 @@ def job_recipe(
     min_clients: int = 3,
     name: str | None = None,
     privacy: dict | None = None,
+    initial_global: str | None = None,
 ) -> PFedSAMRecipe:
     """The job of ``method`` (with ``job_trainer(method)`` unless ``trainer`` is given); with ``privacy``
-    (``GaussianPrivacy``'s arguments) it is ``<method>_dp``, whose sites clip and noise every update they send."""
+    (``GaussianPrivacy``'s arguments) it is ``<method>_dp``, whose sites clip and noise every update they send; with
+    ``initial_global`` (a global partition file an earlier job saved) it continues that federation."""
     trainer = trainer or job_trainer(method)
     name = name or (f"{method}_dp" if privacy else method)
     recipe = PFedSAMRecipe(
         name=name, min_clients=min_clients, num_rounds=num_rounds, method=method, model=model, trainer=trainer,
-        data=data,
+        data=data, initial_global=initial_global,
     )
     if privacy:  # after the partition filter: what is clipped and noised is exactly what is sent
         recipe.add_weights_output_filter(GaussianPrivacy(**privacy))
