@@ -125,6 +125,7 @@ class Comparison:
     part_rounds: int | None = None  # cut each run into jobs of at most this many rounds, each continuing the last
 
     def run(self) -> dict[str, Any]:
+        self.out = self.out.resolve()  # the simulator's server and sites run in folders of their own
         self.out.mkdir(parents=True, exist_ok=True)
         root = resolve_root(self.data)  # generated once here, not raced by the sites
         data = replace(self.data, root=str(root))
@@ -203,7 +204,7 @@ class Comparison:
             epsilon = epsilons["client_epsilon"]
             noise = get_noise_multiplier(target_epsilon=epsilon, target_delta=DP_DELTA, sample_rate=1.0, steps=self.rounds)
             privacy = {**JOB_PRIVACY, "noise_multiplier": noise, "delta": DP_DELTA, "max_epsilon": epsilon}
-            if part is not None:
+            if part is not None or self._cut:
                 raise ValueError(
                     "client_epsilon cannot be spent over a run cut into parts: each job's privacy filter would count "
                     "only its own rounds; run it without --part-rounds"
@@ -283,6 +284,9 @@ class Comparison:
         if parts:
             print(f"    continuing after round {parts[-1]['rounds_done']} ({len(parts)} part(s) completed earlier)",
                   flush=True)
+            for folder in run_dir.glob("states_after_part*"):  # left by a stop between two writes
+                if folder.name != parts[-1]["states"]:
+                    shutil.rmtree(folder)
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
         restore_site_states(state_dir, run_dir / parts[-1]["states"] if parts else None, sites)
@@ -307,14 +311,21 @@ class Comparison:
                 "wall_seconds": outcome["wall_seconds"], "log": outcome["log"], "sites": outcome["sites"],
             })
             atomic_write_text(json.dumps({"plan": plan, "parts": parts}, indent=2) + "\n", run_dir / PARTS_FILE)
-            if number > 1:  # the states of the part before are no longer needed to continue
+            if number > 1:  # the part before is no longer needed to continue: its states and model files go
                 shutil.rmtree(run_dir / parts[-2]["states"], ignore_errors=True)
+                for model_file in (run_dir / parts[-2]["workspace"]).rglob("*.pt"):
+                    model_file.unlink()
         summary = join_parts(parts)
         return {
             "wall_seconds": round(sum(part["wall_seconds"] for part in parts), 1),
             "log": parts[-1]["log"],
             "trainer": trainer,
-            "parts": [{"rounds_done": part["rounds_done"], "wall_seconds": part["wall_seconds"]} for part in parts],
+            # each part ends with the sites' kept models scored on their test cases: test Dice after so many rounds
+            "parts": [
+                {"rounds_done": part["rounds_done"], "wall_seconds": part["wall_seconds"],
+                 "personalized_dice": mean_over_sites(part["sites"])["personalized_dice"]}
+                for part in parts
+            ],
             "status": "completed",
             "sites": summary,
             "mean": mean_over_sites(summary),
@@ -330,10 +341,13 @@ class Comparison:
             print(f"    {path} was made with other settings: starting the run over", flush=True)
             return []
         parts = earlier["parts"]
-        states = run_dir / parts[-1]["states"] if parts else None
-        missing = [site for site in plan["sites"] if states and not (states / site / STATE_FILE).exists()]
+        if not parts:
+            return []
+        needed = [run_dir / parts[-1]["workspace"] / GLOBAL_FILE]
+        needed += [run_dir / parts[-1]["states"] / site / STATE_FILE for site in plan["sites"]]
+        missing = [str(path) for path in needed if not path.exists()]
         if missing:
-            print(f"    no saved state after part {len(parts)} for {', '.join(missing)}: starting the run over", flush=True)
+            print(f"    {', '.join(missing)} of part {len(parts)} are gone: starting the run over", flush=True)
             return []
         return parts
 
