@@ -1,5 +1,7 @@
 """The model a site keeps: its file, its preprocessing round trip, and scoring whole cases with it."""
 
+from dataclasses import replace
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -51,6 +53,21 @@ def test_keeping_a_model_fits_the_experts_and_leaves_the_trainer_as_it_was(site)
     assert all(torch.equal(kept.global_state[k], received[k]) for k in received)
     assert any(not torch.equal(kept.local_state[k], trainer.local_state()[k]) for k in kept.local_state)  # refitted
     assert kept.backbone_sha256 is None and kept.preprocessing["labels"] == ["foreground"]
+
+
+def test_the_global_path_of_a_model_with_a_personal_copy_runs_the_global_weights(site):
+    """Ditto's two paths hold different weights in the same tensors, swapped between the passes; bfloat16 autocast
+    keeps a cast copy of each weight while it is open, so a swap inside it scored the global path with the personal
+    copy's weights."""
+    _, data, trainer, _ = site
+    kept = keep_model(trainer, trainer.global_state(), data.labels, OPTIONS, about={})
+    generator = torch.Generator().manual_seed(0)
+    personal = {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in kept.global_state.items()}
+    image = data.train.sample(0).image.numpy()
+    both = Segmenter(replace(kept, personal_state=personal), precision="bfloat16").logits(image)
+    alone = Segmenter(kept, precision="bfloat16").logits(image)
+    torch.testing.assert_close(both["global"], alone["global"], atol=1e-6, rtol=0)
+    assert not torch.allclose(both["personalized"], alone["personalized"], atol=1e-3)  # the personal copy counts
 
 
 def test_the_file_holds_no_frozen_weight_and_its_two_paths_are_the_models(site, tmp_path):

@@ -59,12 +59,13 @@ class Segmenter:
         prefix is computed once for all paths."""
         inputs = inputs.to(self.device)
         boxes = None if boxes is None else boxes.to(self.device)
-        out = {}
         with autocast(self.device, self.precision):
             prefix = self.model.encode_prefix(inputs)
-            for path in paths:
-                with self._path(path):
-                    out[path] = self.model(prefix=prefix, boxes=boxes).float().cpu()
+        out = {}
+        for path in paths:
+            # the weights are swapped outside autocast: inside, it would reuse the cast copies of the ones before
+            with self._path(path), autocast(self.device, self.precision):
+                out[path] = self.model(prefix=prefix, boxes=boxes).float().cpu()
         return out
 
     @torch.no_grad()
