@@ -42,6 +42,16 @@ def atomic_save(payload: Any, target: Path) -> Path:
     return _atomic_write(target, lambda handle: torch.save(payload, handle))
 
 
+def atomic_copy(source: Path, target: Path) -> Path:
+    """Copy ``source`` to ``target`` atomically: a copy cut short never stands in for the file."""
+
+    def copy(handle: BinaryIO) -> None:
+        with open(source, "rb") as original:
+            shutil.copyfileobj(original, handle)
+
+    return _atomic_write(target, copy)
+
+
 def atomic_write_text(text: str, target: Path) -> Path:
     """Write ``text`` (UTF-8) to ``target`` atomically."""
     return _atomic_write(target, lambda handle: handle.write(text.encode()))

@@ -25,7 +25,7 @@ from typing import Any
 
 from opacus.accountants.utils import get_noise_multiplier
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_copy, atomic_write_text
 from ..data.config import DataConfig, resolve_root
 from ..data.layout import DataError, Labels, list_sites
 from ..model import ModelConfig
@@ -423,8 +423,7 @@ def copy_site_states(state_dir: Path, to: Path, sites: list[str]) -> None:
     """Each site's saved state (``site_state.pt``: its own partition, optimisers and round count), copied to
     ``to/<site>``."""
     for site in sites:
-        (to / site).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(state_dir / site / STATE_FILE, to / site / STATE_FILE)
+        atomic_copy(state_dir / site / STATE_FILE, to / site / STATE_FILE)
 
 
 def restore_site_states(state_dir: Path, saved: Path | None, sites: list[str]) -> None:
@@ -437,8 +436,7 @@ def restore_site_states(state_dir: Path, saved: Path | None, sites: list[str]) -
         if saved is None:
             (folder / STATE_FILE).unlink(missing_ok=True)
         else:
-            shutil.copyfile(saved / site / STATE_FILE, folder / f"{STATE_FILE}.copying")
-            os.replace(folder / f"{STATE_FILE}.copying", folder / STATE_FILE)
+            atomic_copy(saved / site / STATE_FILE, folder / STATE_FILE)
 
 
 def join_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:

@@ -3,14 +3,12 @@ atomically so that a crash never leaves half a file, and read back all-or-nothin
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..atomic import atomic_save
+from ..atomic import atomic_copy, atomic_save
 
 STATE_FILE = "site_state.pt"
 PREVIOUS_STATE_FILE = "site_state.prev.pt"
@@ -26,10 +24,7 @@ def save_site_state(site_dir: Path, state: dict[str, Any]) -> Path:
     back), and a crash at any point leaves a complete current file."""
     path = site_dir / STATE_FILE
     if path.exists():
-        previous = path.with_name(PREVIOUS_STATE_FILE)
-        copy = previous.with_name(previous.name + ".copying")
-        shutil.copyfile(path, copy)
-        os.replace(copy, previous)
+        atomic_copy(path, path.with_name(PREVIOUS_STATE_FILE))
     return atomic_save({"format": STATE_FORMAT, **state}, path)
 
 
