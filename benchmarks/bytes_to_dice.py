@@ -41,6 +41,8 @@ def table(runs: dict[str, dict[int, dict]], targets: list[float], at: set[int] |
     lines = [header + " | test Dice after R rounds |", "|---" * (len(targets) + 3) + "|"]
     for method, by_rounds in runs.items():
         ordered = sorted((r, mean) for r, mean in by_rounds.items() if at is None or r in at)
+        if not ordered:
+            raise SystemExit(f"{method} was measured after {sorted(by_rounds)} rounds, none of --at {sorted(at)}")
         per_round = ordered[0][1]["bytes_per_round"]
         cells = []
         for target in targets:
