@@ -117,3 +117,16 @@ def test_a_split_file_whose_sets_are_not_lists_is_refused_naming_it(tmp_path):
     path.write_text(json.dumps({"site": "s", "seed": 0, "val_fraction": 0.1, "test_fraction": 0.2, "train_cases": "case001"}))
     with pytest.raises(DataError, match=f"{path}: train_cases must be a list of case names, got str 'case001'"):
         SiteSplit.read(path)
+
+
+def test_the_demo_help_names_every_method_a_job_can_run(capsys):
+    """The help lists the methods by hand (the table lives beside FLARE, which the command does not import to start)."""
+    from pfedsam_nvflare.flare.recipe import RECIPE_METHODS
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    listed = help_text.split("--method METHOD")[-1].split("--rounds")[0]
+    assert sorted(word.strip(",()") for word in listed.split() if word.strip(",()") in RECIPE_METHODS) == sorted(
+        RECIPE_METHODS
+    )

@@ -370,7 +370,8 @@ def test_the_metrics_name_a_site_that_stops_sending_and_the_round_it_dropped(tmp
 @pytest.mark.parametrize(
     "method, given, expected",
     [("pfedsam", None, "none"), ("pfedsam", "global_to_local", "global_to_local"),
-     ("pfedsam_kd", None, "local_to_global"), ("pfedsam_nokd", "local_to_global", "none")],
+     ("pfedsam_kd", None, "local_to_global"), ("pfedsam_kd", "none", "local_to_global"),
+     ("pfedsam_nokd", "none", "none")],
 )
 def test_a_method_preset_fixes_the_distillation_and_pfedsam_keeps_the_trainers(method, given, expected):
     from pfedsam_nvflare.flare.recipe import PFedSAMRecipe
@@ -379,3 +380,12 @@ def test_a_method_preset_fixes_the_distillation_and_pfedsam_keeps_the_trainers(m
     trainer = TrainerConfig(kd_direction=given) if given else None
     recipe = PFedSAMRecipe(method=method, model=None, trainer=trainer)
     assert (recipe.trainer.method, recipe.trainer.kd_direction) == ("pfedsam", expected)
+
+
+@pytest.mark.parametrize("method, given", [("pfedsam_nokd", "local_to_global"), ("pfedsam_kd", "global_to_local")])
+def test_a_trainer_that_contradicts_the_methods_distillation_is_refused(method, given):
+    from pfedsam_nvflare.flare.recipe import PFedSAMRecipe
+    from pfedsam_nvflare.training import TrainerConfig
+
+    with pytest.raises(ValueError, match=f"method {method} always runs kd_direction=.*asks for '{given}'"):
+        PFedSAMRecipe(method=method, model=None, trainer=TrainerConfig(kd_direction=given))

@@ -29,7 +29,7 @@ JOB_ROUNDS = 3
 # Client-level DP for the pfedsam_dp job: ε at δ=1e-5 is 9.01 after its three rounds, under the budget of 10.
 JOB_PRIVACY = {"clip_norm": 0.01, "noise_multiplier": 1.0, "delta": 1e-5, "max_epsilon": 10.0}
 # Record-level DP for the pfedsam_dpsgd job: DP-SGD in the global phase, the noise set so that its three rounds
-# spend ε=8 at δ=1e-5; the experts learn from the received global model (global_to_local), never the reverse.
+# spend ε=8 at δ=1e-5; no distillation, as in every job (the personalized model may not teach a private phase).
 JOB_DPSGD = DPConfig(target_epsilon=8.0, delta=1e-5, max_grad_norm=1.0, rounds=JOB_ROUNDS)
 
 
@@ -37,7 +37,7 @@ def dpsgd_recipe(method: str = "pfedsam", num_rounds: int = JOB_ROUNDS, **settin
     """The job of ``method`` with DP-SGD in the global phase (``<method>_dpsgd``), its budget covering
     ``num_rounds``."""
     dp = replace(JOB_DPSGD, rounds=num_rounds)
-    trainer = replace(job_trainer(method), kd_direction="global_to_local", dp=dp)
+    trainer = replace(job_trainer(method), dp=dp)
     recipe = job_recipe(method, num_rounds=num_rounds, trainer=trainer, name=f"{method}_dpsgd", **settings)
     # a site whose privacy.json defines this scope (poc/privacy.json does) applies its policy to the job; a site
     # with a policy without it refuses the job

@@ -50,9 +50,10 @@ class PFedSAMRecipe(Recipe):
         min_clients: sites needed to start a round.
         num_rounds: federated rounds.
         method: ``pfedsam``, ``pfedsam_kd`` (with local-to-global distillation), ``pfedsam_nokd`` (without
-            distillation, whatever the trainer's ``kd_direction``), ``fedavg`` (LoRA without experts), ``local``
-            (each site alone), ``fedsam`` (full fine-tuning) or ``ditto`` (a personal copy of the global partition
-            per site, trained with a proximal term toward the received one).
+            distillation), ``fedavg`` (LoRA without experts), ``local`` (each site alone), ``fedsam`` (full
+            fine-tuning) or ``ditto`` (a personal copy of the global partition per site, trained with a proximal
+            term toward the received one). A trainer whose ``kd_direction`` is not its default and contradicts the
+            preset of ``pfedsam_kd`` or ``pfedsam_nokd`` is refused.
         model: the ``ModelConfig`` (backbone, adapters, decoder mode, ...).
         trainer: the ``TrainerConfig`` (learning rates, epochs, distillation, ...); its ``method`` is set from
             ``method``.
@@ -92,6 +93,11 @@ class PFedSAMRecipe(Recipe):
         trainer_method, kd_direction = RECIPE_METHODS[method]
         trainer = replace(trainer or TrainerConfig(), method=trainer_method)
         if kd_direction is not None:
+            if trainer.kd_direction not in (kd_direction, TrainerConfig.kd_direction):
+                raise ValueError(
+                    f"method {method} always runs kd_direction={kd_direction!r}, the trainer asks for "
+                    f"{trainer.kd_direction!r}; set kd_direction with the method pfedsam"
+                )
             trainer = replace(trainer, kd_direction=kd_direction)
         model_settings = (model or ModelConfig()).to_dict()
         self.method, self.model, self.trainer, self.data = method, model, trainer, data or DataConfig()
