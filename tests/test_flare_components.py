@@ -370,8 +370,7 @@ def test_the_metrics_name_a_site_that_stops_sending_and_the_round_it_dropped(tmp
 @pytest.mark.parametrize(
     "method, given, expected",
     [("pfedsam", None, "none"), ("pfedsam", "global_to_local", "global_to_local"),
-     ("pfedsam_kd", None, "local_to_global"), ("pfedsam_kd", "none", "local_to_global"),
-     ("pfedsam_nokd", "none", "none")],
+     ("pfedsam_kd", None, "local_to_global"), ("pfedsam_kd", "none", "local_to_global")],
 )
 def test_a_method_preset_fixes_the_distillation_and_pfedsam_keeps_the_trainers(method, given, expected):
     from pfedsam_nvflare.flare.recipe import PFedSAMRecipe

@@ -35,7 +35,7 @@ from ..training import TrainerConfig
 from ..training.dp import DPConfig
 from ..training.site_state import PREVIOUS_STATE_FILE, STATE_FILE
 from .jobs import JOB_DATA, JOB_MODEL, JOB_PRIVACY, job_recipe, job_trainer
-from .recipe import RECIPE_METHODS
+from .recipe import RECIPE_METHODS, method_trainer
 from .site_policy import allow_pfedsam_in
 from .site_storage import STATE_DIR_ENV
 
@@ -187,7 +187,8 @@ class Comparison:
         """The job of ``variant``; with ``part`` (its job name, its rounds, the global partition it continues from)
         one part of it. Privacy is spent over the whole run's rounds either way."""
         changes = {**self.changes, **variant.changes}
-        method, preset = RECIPE_METHODS[variant.method]
+        preset = RECIPE_METHODS[variant.method][1]
+        # stricter than the recipe: a comparison knows which settings were asked for, even the default
         if preset is not None and "kd_direction" in changes:
             raise ValueError(
                 f"method {variant.method} always runs kd_direction={preset!r}; set or ablate kd_direction with the "
@@ -198,7 +199,7 @@ class Comparison:
         if epsilons.get("dp_epsilon") is not None:
             dp = DPConfig(target_epsilon=epsilons["dp_epsilon"], delta=DP_DELTA, rounds=self.rounds)
             # the method's own trainer settings first (the recipe sets them too), so that DP-SGD is checked against them
-            trainer = replace(trainer, method=method, **({"kd_direction": preset} if preset else {}), dp=dp)
+            trainer = replace(method_trainer(variant.method, trainer), dp=dp)
         privacy = None
         if epsilons.get("client_epsilon") is not None:
             epsilon = epsilons["client_epsilon"]

@@ -40,6 +40,22 @@ ANALYTICS_EVENT = "analytix_log_stats"
 WEIGHTS_TASKS = (AppConstants.TASK_TRAIN, AppConstants.TASK_SUBMIT_MODEL)
 
 
+def method_trainer(method: str, trainer: TrainerConfig | None = None) -> TrainerConfig:
+    """``trainer`` as a job of ``method`` runs it: the trainer's method, and the distillation a preset fixes. A
+    trainer that asks for another ``kd_direction`` than the preset's (the default ``none`` counts as not asking)
+    is refused, not overridden."""
+    trainer_method, kd_direction = RECIPE_METHODS[method]
+    trainer = replace(trainer or TrainerConfig(), method=trainer_method)
+    if kd_direction is None:
+        return trainer
+    if trainer.kd_direction not in (kd_direction, TrainerConfig.kd_direction):
+        raise ValueError(
+            f"method {method} always runs kd_direction={kd_direction!r}, the trainer asks for "
+            f"{trainer.kd_direction!r}; set kd_direction with the method pfedsam"
+        )
+    return replace(trainer, kd_direction=kd_direction)
+
+
 class PFedSAMRecipe(Recipe):
     """Personalized federated SAM fine-tuning: ``ScatterAndGather`` rounds of the global partition, the L-MoE
     kept at each site, then ``GlobalModelEval`` of the final and best global partitions at every site, where each
@@ -90,15 +106,8 @@ class PFedSAMRecipe(Recipe):
     ):
         if method not in RECIPE_METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(RECIPE_METHODS)}")
-        trainer_method, kd_direction = RECIPE_METHODS[method]
-        trainer = replace(trainer or TrainerConfig(), method=trainer_method)
-        if kd_direction is not None:
-            if trainer.kd_direction not in (kd_direction, TrainerConfig.kd_direction):
-                raise ValueError(
-                    f"method {method} always runs kd_direction={kd_direction!r}, the trainer asks for "
-                    f"{trainer.kd_direction!r}; set kd_direction with the method pfedsam"
-                )
-            trainer = replace(trainer, kd_direction=kd_direction)
+        trainer_method = RECIPE_METHODS[method][0]
+        trainer = method_trainer(method, trainer)
         model_settings = (model or ModelConfig()).to_dict()
         self.method, self.model, self.trainer, self.data = method, model, trainer, data or DataConfig()
 
