@@ -106,7 +106,6 @@ class PFedSAMRecipe(Recipe):
     ):
         if method not in RECIPE_METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(RECIPE_METHODS)}")
-        trainer_method = RECIPE_METHODS[method][0]
         trainer = method_trainer(method, trainer)
         model_settings = (model or ModelConfig()).to_dict()
         self.method, self.model, self.trainer, self.data = method, model, trainer, data or DataConfig()
@@ -114,11 +113,11 @@ class PFedSAMRecipe(Recipe):
         job = FedJob(name=name or method, min_clients=min_clients)
         job.set_app_packages(["pfedsam_nvflare"])  # an installed package: sites import it, the job carries no code
         job.to_server(
-            GlobalPartitionPersistor(model=model_settings, method=trainer_method, initial_global=initial_global),
+            GlobalPartitionPersistor(model=model_settings, method=trainer.method, initial_global=initial_global),
             id="persistor",
         )
         job.to_server(FullModelShareableGenerator(), id="shareable_generator")
-        job.to_server(GlobalPartitionAggregator(model=model_settings, method=trainer_method), id="aggregator")
+        job.to_server(GlobalPartitionAggregator(model=model_settings, method=trainer.method), id="aggregator")
         job.to_server(IntimeModelSelector(key_metric=key_metric), id="model_selector")
         job.to_server(GlobalPartitionLocator(persistor_id="persistor"), id="model_locator")
         job.to_server(RoundMetricsWriter(method=method), id="metrics_writer")
@@ -147,7 +146,7 @@ class PFedSAMRecipe(Recipe):
         job.to_clients(TBWriter(event_type=ANALYTICS_EVENT), id="analytic_sender")
         job.to_clients(ConvertToFedEvent(events_to_convert=[ANALYTICS_EVENT], fed_event_prefix="fed."), id="event_to_fed")
         super().__init__(job)
-        self.add_weights_output_filter(GlobalPartitionFilter(model=model_settings, method=trainer_method))
+        self.add_weights_output_filter(GlobalPartitionFilter(model=model_settings, method=trainer.method))
 
     def add_weights_output_filter(self, result_filter: Filter) -> None:
         """Apply ``result_filter`` to every result of a site that carries weights (``train``, ``submit_model``),
