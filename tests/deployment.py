@@ -23,15 +23,27 @@ def service_env(root: Path, **extra: str) -> dict[str, str]:
     }
 
 
-def run_logged(command: list[str], log: Path, env: dict[str, str], timeout: int) -> tuple[int, str]:
-    """Run ``command`` from the repository with its output in ``log`` (a file, not a pipe: the services it
-    starts outlive it and would hold a pipe open)."""
+def start_logged(command: list[str], log: Path, env: dict[str, str], cwd: Path = REPO) -> subprocess.Popen:
+    """Start ``command`` with its output in ``log`` (a file, not a pipe: the services it starts outlive it and would
+    hold a pipe open, and a pipe nobody reads while the test waits on another process fills and stalls it)."""
     with log.open("w") as handle:
-        try:
-            code = subprocess.run(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            code = -1
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT)
+
+
+def wait_logged(process: subprocess.Popen, log: Path, timeout: float) -> tuple[int, str]:
+    """The exit code (-1 if it ran past ``timeout`` seconds and was killed) and the output of ``start_logged``."""
+    try:
+        code = process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        code = -1
     return code, log.read_text()
+
+
+def run_logged(command: list[str], log: Path, env: dict[str, str], timeout: int) -> tuple[int, str]:
+    """Run ``command`` from the repository with its output in ``log``."""
+    return wait_logged(start_logged(command, log, env), log, timeout)
 
 
 def processes_under(folder: Path) -> list[str]:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from deployment import start_logged, wait_logged
 
 from pfedsam_nvflare.model.kept import load_kept_model
 
@@ -44,9 +45,11 @@ def _stopped_in_part_two(root, env) -> str:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("parts")
     env = {**os.environ, "PFEDSAM_DATA_HOME": str(root / "data")}
-    # relative --out, as a user types it: the simulator's server runs in a folder of its own
-    whole = subprocess.run(_command("whole"), cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    # relative --out, as a user types it: the simulator's server runs in a folder of its own; the uncut run goes on
+    # beside the cut one (its own output folder, the same generated data)
+    uncut = start_logged(_command("whole"), root / "whole.log", env, cwd=root)
     stopped = _stopped_in_part_two(root, env)
+    whole = wait_logged(uncut, root / "whole.log", timeout=900)
     resumed = subprocess.run(
         _command("cut", "--part-rounds", "1", "--resume"), cwd=root, env=env, capture_output=True, text=True,
         timeout=900,
@@ -79,7 +82,8 @@ def test_a_run_stopped_in_a_part_continues_after_its_last_completed_part(runs):
 
 def test_a_run_cut_into_parts_trains_as_one_job(runs):
     root, whole, _, resumed = runs
-    assert whole.returncode == 0 and resumed.returncode == 0, (whole.stdout + whole.stderr)[-4000:]
+    assert whole[0] == 0, whole[1][-4000:]
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
     one, parts = _run(root / "whole"), _run(root / "cut")
     assert "parts" not in one
     for site in SITES:

@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from deployment import start_logged, wait_logged
 from opacus.accountants import RDPAccountant
 
 from pfedsam_nvflare.data.config import DataConfig, SyntheticConfig
@@ -37,7 +38,8 @@ POLICY = {
 DP = {"noise_multiplier": 1.0, "max_grad_norm": 1.0}
 
 
-def _run(root: Path, name: str, dp: dict | None) -> tuple[subprocess.CompletedProcess, Path]:
+def _start(root: Path, name: str, dp: dict | None) -> tuple[subprocess.Popen, Path]:
+    """Start the job in the simulator, its output in ``root/<name>.log``."""
     trainer = TrainerConfig(batch_size=4, kd_direction="none", dp=dp)
     data = DataConfig(synthetic=SyntheticConfig(cases=4, size=48, depth=3))
     recipe = PFedSAMRecipe(name=name, num_rounds=1, model=ModelConfig(backbone="tiny"), trainer=trainer, data=data)
@@ -48,13 +50,15 @@ def _run(root: Path, name: str, dp: dict | None) -> tuple[subprocess.CompletedPr
     (allow_pfedsam_in(workspace / "local").parent / "privacy.json").write_text(json.dumps(POLICY))
     env = {**os.environ, "PFEDSAM_DATA_HOME": str(root / "data")}
     command = ["nvflare", "simulator", str(root / "jobs" / name), "-w", str(workspace), "-n", "3", "-t", "3"]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900), workspace
+    return start_logged(command, root / f"{name}.log", env, cwd=root), workspace
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dp_policy")
-    return {name: _run(root, name, dp) for name, dp in (("plain", None), ("dpsgd", DP))}
+    # both jobs at once, each in a simulator workspace of its own
+    started = {name: _start(root, name, dp) for name, dp in (("plain", None), ("dpsgd", DP))}
+    return {name: (wait_logged(process, root / f"{name}.log", 900), workspace) for name, (process, workspace) in started.items()}
 
 
 def _metrics(workspace: Path) -> dict:
@@ -64,8 +68,7 @@ def _metrics(workspace: Path) -> dict:
 def test_a_site_that_requires_dp_keeps_an_update_trained_without_it(runs):
     """Every site refuses; FLARE ends the run at the first refusal, since the round can no longer reach
     ``min_clients`` (3) answers."""
-    completed, workspace = runs["plain"]
-    output = completed.stdout + completed.stderr
+    (_, output), workspace = runs["plain"]
     refusal = "RequireDifferentialPrivacy kept this result at the site: this site requires record-level differential privacy"
     assert refusal in output, output[-5000:]
     assert "Result from site-" in output and "TASK_RESULT_FILTER_ERROR. Cannot reach min_response" in output
@@ -75,9 +78,8 @@ def test_a_site_that_requires_dp_keeps_an_update_trained_without_it(runs):
 
 
 def test_a_dp_sgd_update_leaves_counted_in_the_sites_budget(runs):
-    completed, workspace = runs["dpsgd"]
-    output = completed.stdout + completed.stderr
-    assert completed.returncode == 0, output[-5000:]
+    (code, output), workspace = runs["dpsgd"]
+    assert code == 0, output[-5000:]
     assert "kept this result at the site" not in output
     (entry,) = _metrics(workspace)["rounds"]
     assert sorted(entry["contributors"]) == SITES
