@@ -19,6 +19,7 @@ from .settings import MODEL_META_KEY, job_model, model_config_for, reference, se
 
 # A contribution's weight is its site's number of training samples: more than this is no site's.
 MAX_WEIGHT = 1e9
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class ContributionRejected(ValueError):
@@ -107,12 +108,16 @@ class GlobalPartitionAggregator(Aggregator):
     def aggregate(self, fl_ctx: FLContext) -> Shareable:
         average = {}
         if self._contributors:
-            average = {key: (total / self._total_weight).astype(np.float32) for key, total in self._sums.items()}
-            bad = next((key for key, value in average.items() if not np.isfinite(value).all()), None)
+            average = {key: total / self._total_weight for key, total in self._sums.items()}
+            # NaN, infinities and values beyond float32 all fail this comparison
+            bad = next((key for key, value in average.items() if not (np.abs(value) <= FLOAT32_MAX).all()), None)
             if bad is None:
+                average = {key: value.astype(np.float32) for key, value in average.items()}
                 self.log_info(fl_ctx, f"averaged the contributions of {', '.join(self._contributors)}")
             else:  # the checks above keep it finite; checked before it leaves all the same
-                self.log_error(fl_ctx, f"the average of key {bad!r} is not finite; the global partition stays as it is")
+                self.log_error(
+                    fl_ctx, f"the average of key {bad!r} is not finite in float32; the global partition stays as it is"
+                )
                 average, self._contributors = {}, []
         else:  # an empty difference: the global partition stays as it is
             self.log_error(fl_ctx, "no contribution was accepted this round; the global partition stays as it is")
