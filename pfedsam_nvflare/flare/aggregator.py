@@ -14,12 +14,12 @@ from nvflare.app_common.abstract.aggregator import Aggregator
 from nvflare.app_common.app_constant import AppConstants
 
 from ..model import PartitionError
+from ..model.partition import is_finite
 from .settings import MODEL_META_KEY, job_model, model_config_for, reference, settings_mismatch
 
 
 # A contribution's weight is its site's number of training samples: more than this is no site's.
 MAX_WEIGHT = 1e9
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class ContributionRejected(ValueError):
@@ -109,8 +109,7 @@ class GlobalPartitionAggregator(Aggregator):
         average = {}
         if self._contributors:
             average = {key: total / self._total_weight for key, total in self._sums.items()}
-            # NaN, infinities and values beyond float32 all fail this comparison
-            bad = next((key for key, value in average.items() if not (np.abs(value) <= FLOAT32_MAX).all()), None)
+            bad = next((key for key, value in average.items() if not is_finite(value)), None)
             if bad is None:
                 average = {key: value.astype(np.float32) for key, value in average.items()}
                 self.log_info(fl_ctx, f"averaged the contributions of {', '.join(self._contributors)}")
